@@ -168,9 +168,16 @@ class SinkWindowCache:
         self.token_ids.zero_()
         self.seen.zero_()
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the state, to restore later (undo/regenerate) in O(cache size)."""
-        return {name: getattr(self, name).clone() for name in _STATE}
+    def snapshot(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A copy of the state, to restore later (undo/regenerate) in O(cache size).
+
+        Pass an earlier snapshot as `into` to reuse its buffers instead of allocating new ones.
+        """
+        if into is None:
+            return {name: getattr(self, name).clone() for name in _STATE}
+        for name in _STATE:
+            into[name].copy_(getattr(self, name))
+        return into
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         """Copy a snapshot back into the existing buffers (no reallocation)."""

@@ -115,9 +115,10 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
             layers = self.layers[start:stop]
             # One new token has no unknown KV above it (its own is masked): one pass is exact.
             iterations = passes if cyclic and steps > 1 else 1
+            last_without_grad = iterations - grad_passes if cyclic else 0
             group_input = hidden
             for iteration in range(iterations):
-                with_grad = torch.is_grad_enabled() and iteration >= iterations - grad_passes
+                with_grad = torch.is_grad_enabled() and iteration >= last_without_grad
                 with torch.set_grad_enabled(with_grad):
                     hidden = group_input
                     for layer in layers:

@@ -1,0 +1,84 @@
+"""Chat template handling: render a conversation, encode only what is new, find the pinned prefix."""
+
+from __future__ import annotations
+
+import re
+
+# ChatML, for tokenizers that bring no template of their own (e.g. base models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# C0/C1 control characters other than tab and newline; they carry no meaning in a chat message.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_MARKER = "\u2063lckv-marker\u2063"
+
+
+class ChatError(ValueError):
+    """A user-facing problem with a message or a setting; the text says what to change."""
+
+
+def clean_message(text: object) -> str:
+    """The message with control characters removed; ChatError when it is not text or is empty."""
+    if not isinstance(text, str):
+        raise ChatError(f"a message must be text, got {type(text).__name__}")
+    cleaned = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if not cleaned.strip():
+        raise ChatError("the message is empty: type something to send")
+    return cleaned
+
+
+class ChatFormat:
+    """The tokenizer plus its chat template."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = set()
+        eos = self.tokenizer.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        vocab = self.tokenizer.get_vocab()
+        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            if name in vocab:
+                ids.add(vocab[name])
+        return frozenset(ids)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def decode_visible(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def new_turn_text(self, messages: list[dict], user_text: str, encoded_text: str) -> str:
+        """Text to encode for a new user turn, given the text already encoded.
+
+        Normally the full render with the new turn extends what was encoded; otherwise (a template
+        that rewrites history) only the new turn is encoded, so what the model already saw stays.
+        """
+        full = self.render(messages + [{"role": "user", "content": user_text}], add_generation_prompt=True)
+        if full.startswith(encoded_text):
+            return full[len(encoded_text):]
+        previous = self.render(messages, add_generation_prompt=False) if messages else ""
+        return full[len(previous):] if full.startswith(previous) else full
+
+    def pinned_prefix_length(self, system_prompt: str | None) -> int:
+        """Tokens before the first user message's content: the system prompt and template header."""
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        text = self.render(messages + [{"role": "user", "content": _MARKER}], add_generation_prompt=False)
+        prefix = text[: text.index(_MARKER)]
+        return len(self.encode(prefix))

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from lckv_stream import SinkWindowCache, cla_map, lckv_map
+from reference import streaming_logits
+from tiny import tiny_model
+
+MAPS = [None, lckv_map(4), cla_map(4, 2), "1_2s_3_3"]
+
+
+@pytest.mark.parametrize("layer_types", MAPS)
+@pytest.mark.parametrize("sink, window", [(4, 5), (0, 6), (2, 1), (3, 40)])
+def test_streaming_matches_the_slow_reference(layer_types, sink, window):
+    model = tiny_model(layer_types, sliding_window=3)
+    ids = torch.randint(0, 300, (22,)).tolist()
+    expected, expected_held = streaming_logits(model, ids, sink, window)
+    with torch.no_grad():
+        cache = model.new_cache(sink, window)
+        decoded = torch.cat([model(torch.tensor([[t]]), cache).logits[0] for t in ids])
+        chunked_cache = model.new_cache(sink, window)
+        # chunks long enough to overflow the cache inside one call; enough passes to be exact
+        chunked = torch.cat([model(torch.tensor([part]), chunked_cache, forward_passes=22).logits[0]
+                             for part in (ids[:3], ids[3:15], ids[15:])])
+    assert (decoded - expected).abs().max() < 1e-5
+    assert (chunked - expected).abs().max() < 1e-5
+    assert cache.held_indices() == expected_held == chunked_cache.held_indices()
+    expected_set = list(range(min(sink, len(ids)))) + list(range(max(sink, len(ids) - window), len(ids)))
+    assert expected_held == expected_set
+
+
+@pytest.mark.parametrize("layer_types", MAPS[:3])
+def test_a_cache_larger_than_the_text_equals_the_unbounded_forward(layer_types):
+    model = tiny_model(layer_types)
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        unbounded = model(ids, sequential=True).logits
+        cache = model.new_cache(sink=4, window=16, batch_size=2)  # 4 + 16 >= 20
+        bounded = torch.cat([model(ids[:, i : i + 1], cache).logits for i in range(20)], dim=1)
+    assert (bounded - unbounded).abs().max() < 1e-5
+
+
+def test_streaming_never_reallocates_and_keeps_its_size():
+    model = tiny_model(lckv_map(4))
+    cache = model.new_cache(sink=2, window=8)
+    pointers = [t.data_ptr() for t in (cache.keys, cache.values, cache.token_index)]
+    allocated = cache.allocated_bytes
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 30)), cache)
+        for _ in range(40):
+            model(torch.randint(0, 300, (1, 1)), cache)
+    assert [t.data_ptr() for t in (cache.keys, cache.values, cache.token_index)] == pointers
+    assert cache.allocated_bytes == allocated
+    stats = cache.stats()
+    assert (stats.tokens_seen, stats.tokens_held) == (70, 10)
+    assert stats.used_bytes == 10 * cache.bytes_per_token
+
+
+def test_byte_accounting_follows_the_kv_formula():
+    model = tiny_model(lckv_map(4))  # producers 0, 2, 3 of 4 layers
+    cache = model.new_cache(sink=4, window=12)
+    per_token = 3 * 2 * 2 * 16 * 4  # producers x (k, v) x kv_heads x head_dim x float32
+    assert cache.bytes_per_token == per_token
+    assert cache.dense_bytes_per_token == 4 * 2 * 2 * 16 * 4
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 9)), cache)
+    stats = cache.stats()
+    assert stats.used_bytes == 9 * per_token
+    assert stats.dense_bytes == 9 * cache.dense_bytes_per_token
+    assert stats.allocated_bytes >= 16 * per_token
+    assert (stats.kv_layers, stats.total_layers) == (3, 4)
+
+
+def test_snapshot_and_restore_bring_back_the_exact_state():
+    model = tiny_model(lckv_map(4))
+    cache = model.new_cache(sink=2, window=6)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 5)), cache)
+        saved = cache.snapshot()
+        expected = model(torch.tensor([[7]]), cache).logits
+        model(torch.randint(0, 300, (1, 9)), cache)
+        cache.restore(saved)
+        again = model(torch.tensor([[7]]), cache).logits
+    assert torch.equal(expected, again)
+
+
+def test_batched_rows_stream_independently():
+    model = tiny_model(lckv_map(4))
+    ids = torch.randint(0, 300, (3, 12))
+    with torch.no_grad():
+        batch_cache = model.new_cache(sink=2, window=5, batch_size=3)
+        batched = torch.cat([model(ids[:, i : i + 1], batch_cache).logits for i in range(12)], dim=1)
+        for row in range(3):
+            single = model.new_cache(sink=2, window=5)
+            alone = torch.cat([model(ids[row : row + 1, i : i + 1], single).logits for i in range(12)], dim=1)
+            assert (alone[0] - batched[row]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sink, window, fragment", [(-1, 4, "sink"), (2, 0, "window"), (1.5, 4, "sink")])
+def test_bad_sizes_are_named(sink, window, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        SinkWindowCache((0,), 1, 1, 4, sink, window)
