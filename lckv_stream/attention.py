@@ -1,15 +1,20 @@
 """Positions, masks and the attention kernel for one forward call.
 
-A forward call encodes T new tokens per row, optionally on top of a `SinkWindowCache`. Keys are
-[cache slots | new tokens]; which ones a query may see follows from stream indices alone:
+A forward call encodes T new tokens per row, optionally on top of a `SinkWindowCache`. Which keys a
+query may see follows from stream indices alone:
 
     visible(t, s) = s held  and  s <= t (s < t without diagonal)  and  (s < sink or s > t - window)
 
-Positions follow StreamingLLM: place in the cache, not in the text. For query t the cache has shifted
-by shift(t) = max(0, t + 1 - capacity); a window key s sits at s - shift(t), a sink key at s, the
-query at t - shift(t). Window keys keep their true distance t - s for every query, so all queries of a
-call share one frame (base = shift of the last query). Only sink keys need per-query positions, and
-only when the cache overflows inside a multi-token call: those few columns are re-scored.
+Positions follow StreamingLLM: a token's place in the cache, not in the text. For query t the cache
+has shifted by shift(t) = max(0, t + 1 - capacity): the query sits at t - shift(t), a window key s at
+s - shift(t), a sink key at s. Window keys therefore keep their true distance t - s: queries and
+window keys are rotated at their absolute stream index (angles in float64, exact at any length).
+A sink key is rotated at s + shift(t) for the call's last query, which is exact for one-token calls
+and for calls that do not overflow the cache; otherwise the sink columns are re-scored per query.
+
+One new token (decode) is written into its ring slot before attention, so attention reads the cache
+buffers in place: its slot's previous holder is out of the window anyway. Several new tokens attend
+to [cache | new] and are written afterwards.
 """
 
 from __future__ import annotations
@@ -32,115 +37,137 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
+class Rope:
+    """cos/sin for integer positions; angles in float64 so that a position of 10^7 stays exact."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
+        self.inv_freq = inv_freq.double()
+        self.scaling = scaling
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.unsqueeze(-1).double() * self.inv_freq.to(positions.device)
+        angles = torch.cat((angles, angles), dim=-1)
+        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+
+
 @dataclass
 class ProducedKV:
-    """One producer layer's KV in this call: raw new-token KV, plus the keys/values attention reads."""
+    """A producer layer's KV as attention reads it, plus its new tokens' share (for the cache)."""
 
-    new_keys: torch.Tensor  # [batch, kv_heads, T, dim], before RoPE
-    new_values: torch.Tensor
-    keys: torch.Tensor  # [batch, kv_heads, cache + T, dim], rotated
+    keys: torch.Tensor  # [batch, kv_heads, keys, dim], rotated
     values: torch.Tensor
+    new_keys: torch.Tensor | None = None  # [batch, kv_heads, T, dim], rotated (T > 1 only)
+    new_raw_keys: torch.Tensor | None = None
+    new_values: torch.Tensor | None = None
 
 
 @dataclass
 class ForwardContext:
     """Everything the layers of one forward call share: positions, masks, and the producers' KV."""
 
+    rope: Rope
     cache: SinkWindowCache | None
     steps: int
     groups: int  # query heads per KV head
+    dtype: torch.dtype
+    query_index: torch.Tensor  # [batch or 1, T] absolute stream index of each new token
     query_cos: torch.Tensor
     query_sin: torch.Tensor
-    key_cos: torch.Tensor  # positions of [cache | new] keys (new keys only without a cache)
-    key_sin: torch.Tensor
-    query_index: torch.Tensor | None = None  # [batch, T] stream index of each new token
-    key_index: torch.Tensor | None = None  # [batch, cache + T]
-    sink_query_cos: torch.Tensor | None = None  # set when sink columns need re-scoring
-    sink_query_sin: torch.Tensor | None = None
     sliding_window: int = 0
+    slot: torch.Tensor | None = None  # decode: the ring slot of the new token
+    sink_query_cos: torch.Tensor | None = None  # set when sink columns need re-scoring per query
+    sink_query_sin: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
     produced: dict[int, ProducedKV] = field(default_factory=dict)
     _masks: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _cache_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(
         cls,
-        rotary,
+        rope: Rope,
         cache: SinkWindowCache | None,
-        batch: int,
-        steps: int,
+        input_ids: torch.Tensor,
         groups: int,
         sliding_window: int,
-        like: torch.Tensor,
+        dtype: torch.dtype,
     ) -> "ForwardContext":
-        """Compute positions for T new tokens per row; `rotary` maps positions to cos/sin."""
-        device = like.device
-        offsets = torch.arange(steps, device=device)
+        batch, steps = input_ids.shape
+        offsets = torch.arange(steps, device=input_ids.device)
         if cache is None:
-            positions = offsets.unsqueeze(0).expand(batch, steps)
-            cos, sin = rotary(like, positions)
-            return cls(None, steps, groups, cos, sin, cos, sin, sliding_window=sliding_window)
-
+            query_index = offsets.unsqueeze(0)
+            cos, sin = rope(query_index, dtype)
+            return cls(rope, None, steps, groups, dtype, query_index, cos, sin, sliding_window)
         query_index = cache.seen.unsqueeze(1) + offsets  # [batch, T]
-        shift = (query_index + 1 - cache.capacity).clamp(min=0)
-        base = shift[:, -1:]
-        key_index = torch.cat((cache.token_index, query_index), dim=1)
-        key_positions = torch.where(key_index < cache.sink, key_index, key_index - base)
-        query_cos, query_sin = rotary(like, query_index - base)
-        key_cos, key_sin = rotary(like, key_positions)
-        context = cls(
-            cache, steps, groups, query_cos, query_sin, key_cos, key_sin,
-            query_index=query_index, key_index=key_index, sliding_window=sliding_window,
-        )
-        # Decode (T = 1) has base == shift(t): one frame is exact and nothing needs a host sync.
-        if steps > 1 and cache.sink > 0 and bool((shift[:, 0] != base[:, 0]).any()):
-            context.sink_query_cos, context.sink_query_sin = rotary(like, query_index - shift)
+        cos, sin = rope(query_index, dtype)
+        context = cls(rope, cache, steps, groups, dtype, query_index, cos, sin, sliding_window)
+        context.shift = (query_index + 1 - cache.capacity).clamp(min=0)
+        context._refresh_sink_keys(context.shift[:, -1])
+        if steps == 1:
+            context.slot = cache.claim_next_slot(input_ids)
+        elif cache.sink > 0 and bool((context.shift[:, 0] != context.shift[:, -1]).any()):
+            context.sink_query_cos, context.sink_query_sin = rope(query_index - context.shift, dtype)
         return context
 
+    def _refresh_sink_keys(self, shift: torch.Tensor) -> None:
+        """Rotate the sink keys to s + shift: their distance to the newest query in the cache frame."""
+        cache = self.cache
+        if cache.sink == 0:
+            return
+        positions = torch.arange(cache.sink, device=shift.device) + shift.unsqueeze(1)  # [batch, sink]
+        cos, sin = self.rope(positions, self.dtype)
+        p, b, h, s, d = cache.sink_keys.shape
+        raw = cache.sink_keys.transpose(0, 1).reshape(b, p * h, s, d)
+        rotated = apply_rope(raw, cos, sin).reshape(b, p, h, s, d).transpose(0, 1)
+        cache.keys[:, :, :, : cache.sink] = rotated
+
     # ---- producers' KV ------------------------------------------------------------------------
-    def produce(self, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor) -> None:
-        """Record a producer layer's new KV (keys before RoPE) for readers and for the cache."""
-        new_cos = self.key_cos[:, -self.steps :]
-        new_sin = self.key_sin[:, -self.steps :]
-        rotated = apply_rope(new_keys, new_cos, new_sin)
-        if self.cache is None:
-            keys, values = rotated, new_values
+    def produce(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Record a producer layer's new KV (keys before RoPE) for its readers and for the cache."""
+        keys = apply_rope(raw_keys, self.query_cos, self.query_sin)
+        cache = self.cache
+        if cache is None:
+            self.produced[layer] = ProducedKV(keys, values)
+        elif self.slot is not None:
+            cache.write_token(layer, self.slot, keys, raw_keys, values)
+            self.produced[layer] = ProducedKV(cache.layer_keys(layer), cache.layer_values(layer))
         else:
-            keys = torch.cat((self._rotated_cache_keys(layer), rotated), dim=2)
-            values = torch.cat((self.cache.layer_values(layer), new_values), dim=2)
-        self.produced[layer] = ProducedKV(new_keys, new_values, keys, values)
+            self.produced[layer] = ProducedKV(
+                torch.cat((cache.layer_keys(layer), keys), dim=2),
+                torch.cat((cache.layer_values(layer), values), dim=2),
+                keys, raw_keys, values,
+            )
 
     def read(self, layer: int, like: torch.Tensor) -> ProducedKV:
-        """The KV a reader of `layer` sees; zeros for new tokens when the layer has not run yet
-        (first iteration of a layer reading from above: that KV does not exist yet)."""
+        """The KV a reader of `layer` sees. A layer reading from above runs before its source: its
+        new tokens' KV does not exist yet (zeros; masked for the current token in any case)."""
         if layer not in self.produced:
+            if self.slot is not None:
+                return ProducedKV(self.cache.layer_keys(layer), self.cache.layer_values(layer))
             batch, heads, _, dim = like.shape
             zeros = like.new_zeros(batch, heads // self.groups, self.steps, dim)
             self.produce(layer, zeros, zeros)
         return self.produced[layer]
 
-    def _rotated_cache_keys(self, layer: int) -> torch.Tensor:
-        # The cache part is the same in every iteration: rotate it once per call.
-        if layer not in self._cache_keys:
-            capacity = self.cache.capacity
-            self._cache_keys[layer] = apply_rope(
-                self.cache.layer_keys(layer), self.key_cos[:, :capacity], self.key_sin[:, :capacity]
-            )
-        return self._cache_keys[layer]
-
-    def new_kv_for_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked raw KV of every producer, [producers, batch, kv_heads, T, dim]."""
-        producers = self.cache.producers
-        return (
-            torch.stack([self.produced[layer].new_keys for layer in producers]),
-            torch.stack([self.produced[layer].new_values for layer in producers]),
+    def finish(self, token_ids: torch.Tensor) -> None:
+        """Commit the call's new tokens to the cache."""
+        cache = self.cache
+        if cache is None:
+            return
+        if self.slot is not None:
+            cache.finish_token()
+            return
+        layers = cache.producers
+        cache.write_chunk(
+            torch.stack([self.produced[layer].new_keys for layer in layers]).detach(),
+            torch.stack([self.produced[layer].new_raw_keys for layer in layers]).detach(),
+            torch.stack([self.produced[layer].new_values for layer in layers]).detach(),
+            token_ids,
         )
 
     # ---- attention ----------------------------------------------------------------------------
-    def attend(
-        self, query: torch.Tensor, kv: ProducedKV, no_diagonal: bool, sliding: bool
-    ) -> torch.Tensor:
-        """Attention of raw (un-rotated) queries [batch, heads, T, dim] over a producer's KV."""
+    def attend(self, query: torch.Tensor, source: int, no_diagonal: bool, sliding: bool) -> torch.Tensor:
+        """Attention of raw (un-rotated) queries [batch, heads, T, dim] over the KV of layer `source`."""
+        kv = self.read(source, query)
         rotated = apply_rope(query, self.query_cos, self.query_sin)
         if self.cache is None and not sliding:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
@@ -150,22 +177,25 @@ class ForwardContext:
             out = F.scaled_dot_product_attention(folded, kv.keys, kv.values, attn_mask=mask)
         else:
             sink_query = _fold_heads(apply_rope(query, self.sink_query_cos, self.sink_query_sin), self.groups)
-            out = self._attention_with_sink_rescore(folded, sink_query, kv, mask)
+            out = self._attention_with_sink_rescore(folded, sink_query, source, mask)
         out = out.masked_fill(~has_key, 0.0)  # a query that sees no key gets a zero output
         return _unfold_heads(out, self.groups)
+
+    def _key_index(self) -> torch.Tensor:
+        cache = self.cache
+        if self.slot is not None:
+            return cache.token_index
+        return torch.cat((cache.token_index, self.query_index), dim=1)
 
     def _mask(self, no_diagonal: bool, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key."""
         key = (no_diagonal, sliding)
         if key not in self._masks:
             if self.cache is None:
-                index = torch.arange(self.steps, device=self.query_cos.device)
-                query_index, key_index = index.unsqueeze(0), index.unsqueeze(0)
-                sink, window = 0, self.steps + 1
+                key_index, sink, window = self.query_index, 0, self.steps + 1
             else:
-                query_index, key_index = self.query_index, self.key_index
-                sink, window = self.cache.sink, self.cache.window
-            q = query_index.unsqueeze(2)
+                key_index, sink, window = self._key_index(), self.cache.sink, self.cache.window
+            q = self.query_index.unsqueeze(2)
             k = key_index.unsqueeze(1)
             visible = (k >= 0) & ((k < q) if no_diagonal else (k <= q))
             visible &= (k < sink) | (k > q - window)
@@ -176,18 +206,22 @@ class ForwardContext:
         return self._masks[key]
 
     def _attention_with_sink_rescore(
-        self, query: torch.Tensor, sink_query: torch.Tensor, kv: ProducedKV, mask: torch.Tensor
+        self, query: torch.Tensor, sink_query: torch.Tensor, source: int, mask: torch.Tensor
     ) -> torch.Tensor:
-        # Sink keys sit in cache slots [0, sink) and, early in a stream, among the first new tokens.
-        capacity, sink = self.cache.capacity, self.cache.sink
-        columns = torch.cat((
-            torch.arange(sink, device=query.device),
-            capacity + torch.arange(min(sink, self.steps), device=query.device),
-        ))
+        """Attention where sink columns are scored in each query's own cache frame."""
+        cache = self.cache
+        capacity, sink = cache.capacity, cache.sink
+        new_sinks = min(sink, self.steps)
+        columns = torch.cat((torch.arange(sink), capacity + torch.arange(new_sinks))).to(query.device)
+        # Sink keys rotated at their own index s (the query is rotated at t - shift(t)).
+        cos, sin = self.rope(torch.arange(sink, device=query.device).unsqueeze(0), self.dtype)
+        kv = self.produced[source]
+        cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
+        sink_keys = torch.cat((cached_sinks, kv.new_keys[:, :, :new_sinks]), dim=2)
         scale = query.shape[-1] ** -0.5
         scores = torch.matmul(query, kv.keys.transpose(-1, -2)) * scale
-        sink_scores = torch.matmul(sink_query, kv.keys[:, :, columns].transpose(-1, -2)) * scale
-        column_index = self.key_index[:, columns]
+        sink_scores = torch.matmul(sink_query, sink_keys.transpose(-1, -2)) * scale
+        column_index = self._key_index()[:, columns]
         is_sink = ((column_index >= 0) & (column_index < sink)).view(column_index.shape[0], 1, 1, -1)
         scores[..., columns] = torch.where(is_sink, sink_scores, scores[..., columns])
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -1,8 +1,10 @@
 """The condensed attention-sink + sliding-window KV cache (StreamingLLM over LCKV).
 
 Only the KV-producing layers are stored, in fixed-size buffers: `sink` first tokens plus a ring of the
-`window` most recent ones. Keys are kept *before* RoPE; the model rotates them by their place in the
-cache at attention time, so eviction never rewrites stored keys.
+`window` most recent ones. Window keys are stored rotated (RoPE) at their absolute stream index: what
+attention needs is the distance between query and key, which eviction never changes for them. Sink
+keys are also kept un-rotated, because their distance to the query shrinks as the cache shifts; the
+model re-rotates those few before each call.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class SinkWindowCache:
         shape = (len(self.producers), batch_size, num_kv_heads, self.capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.sink_keys = torch.zeros(shape[:3] + (self.sink, head_dim), dtype=dtype, device=device)
         self.token_index = torch.full((batch_size, self.capacity), EMPTY, dtype=torch.long, device=device)
         self.token_ids = torch.zeros((batch_size, self.capacity), dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -109,8 +112,12 @@ class SinkWindowCache:
     def dtype(self) -> torch.dtype:
         return self.keys.dtype
 
+    def row(self, layer: int) -> int:
+        """Index of a producer layer in the stacked buffers."""
+        return self._row[layer]
+
     def layer_keys(self, layer: int) -> torch.Tensor:
-        """Un-rotated keys of a producer layer, [batch, kv_heads, capacity, head_dim]."""
+        """Rotated keys of a producer layer, [batch, kv_heads, capacity, head_dim]."""
         return self.keys[self._row[layer]]
 
     def layer_values(self, layer: int) -> torch.Tensor:
@@ -121,30 +128,40 @@ class SinkWindowCache:
         ring = self.sink + torch.remainder(index - self.sink, self.window)
         return torch.where(index < self.sink, index, ring)
 
-    # ---- writing ------------------------------------------------------------------------------
-    def append(self, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """Append T new tokens for every producer layer.
+    # ---- writing: one token (decode) -----------------------------------------------------------
+    def claim_next_slot(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Mark the slot of the next token (evicting its previous holder); returns slots [batch].
 
-        keys/values: [producers, batch, kv_heads, T, head_dim] (keys before RoPE); token_ids: [batch, T].
-        A one-token append runs on the device alone (no host sync), so it can live in a CUDA graph.
+        Runs on the device alone (no host sync), so a decode step can live in a CUDA graph.
         """
-        steps = token_ids.shape[1]
-        if steps == 1:
-            self._append_one(keys, values, token_ids)
-        else:
-            self._append_many(keys, values, token_ids)
-        self.seen += steps
+        slot = self.slot_of(self.seen)
+        rows = slot.view(-1, 1)
+        self.token_index.scatter_(1, rows, self.seen.view(-1, 1))
+        self.token_ids.scatter_(1, rows, token_ids.view(-1, 1))
+        return slot
 
-    def _append_one(self, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
-        slot = self.slot_of(self.seen)  # [batch]
-        p, b, h, _, d = keys.shape
-        index = slot.view(1, b, 1, 1, 1).expand(p, b, h, 1, d)
-        self.keys.scatter_(3, index, keys)
-        self.values.scatter_(3, index, values)
-        self.token_index.scatter_(1, slot.view(b, 1), self.seen.view(b, 1))
-        self.token_ids.scatter_(1, slot.view(b, 1), token_ids)
+    def write_token(self, layer: int, slot: torch.Tensor, keys: torch.Tensor, raw_keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        """Store one token's KV [batch, kv_heads, 1, dim] of a producer layer at `slot` [batch]."""
+        b, h, _, d = keys.shape
+        index = slot.view(b, 1, 1, 1).expand(b, h, 1, d)
+        row = self._row[layer]
+        self.keys[row].scatter_(2, index, keys)
+        self.values[row].scatter_(2, index, values)
+        if self.sink:
+            # Only a sink's raw key is kept; other tokens land in a clamped slot that is never read.
+            sink_index = index.clamp(max=self.sink - 1)
+            current = self.sink_keys[row].gather(2, sink_index)
+            is_sink = (slot < self.sink).view(b, 1, 1, 1)
+            self.sink_keys[row].scatter_(2, sink_index, torch.where(is_sink, raw_keys, current))
 
-    def _append_many(self, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
+    def finish_token(self) -> None:
+        self.seen += 1
+
+    # ---- writing: many tokens (prefill) ---------------------------------------------------------
+    def write_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
+                    token_ids: torch.Tensor) -> None:
+        """Append T tokens for every producer: [producers, batch, kv_heads, T, dim]; token_ids [batch, T]."""
         steps = token_ids.shape[1]
         for row, start in enumerate(self.seen.tolist()):
             index = torch.arange(start, start + steps, device=self.device)
@@ -158,12 +175,17 @@ class SinkWindowCache:
             self.values[:, row, :, slots] = values[:, row, :, offsets]
             self.token_index[row, slots] = kept
             self.token_ids[row, slots] = token_ids[row, offsets]
+            sinks = kept < self.sink
+            if bool(sinks.any()):
+                self.sink_keys[:, row, :, kept[sinks]] = raw_keys[:, row, :, offsets[sinks]]
+        self.seen += steps
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything, keeping the buffers."""
         self.keys.zero_()
         self.values.zero_()
+        self.sink_keys.zero_()
         self.token_index.fill_(EMPTY)
         self.token_ids.zero_()
         self.seen.zero_()
@@ -223,7 +245,7 @@ class SinkWindowCache:
         )
 
 
-_STATE = ("keys", "values", "token_index", "token_ids", "seen")
+_STATE = ("keys", "values", "sink_keys", "token_index", "token_ids", "seen")
 
 
 def validate_cache_size(sink: int, window: int) -> None:

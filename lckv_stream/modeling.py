@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .attention import ForwardContext
+from .attention import ForwardContext, Rope
 from .cache import SinkWindowCache
 from .config import LCKVLlamaConfig
 
@@ -53,8 +53,7 @@ class LCKVLlamaAttention(nn.Module):
             values = self._heads(self.v_proj(hidden), self.num_kv_heads)
             context.produce(self.layer_idx, keys, values)
         query = self._heads(self.q_proj(hidden), self.num_heads)
-        kv = context.read(self.source, query)
-        out = context.attend(query, kv, self.no_diagonal, self.sliding)
+        out = context.attend(query, self.source, self.no_diagonal, self.sliding)
         batch, _, steps, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
@@ -102,12 +101,13 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
     ) -> torch.Tensor:
         """Hidden states of the new tokens; appends them to `cache` when one is given."""
         config = self.config
-        batch, steps = input_ids.shape
+        steps = input_ids.shape[1]
         hidden = self.embed_tokens(input_ids)
+        rope = Rope(self.rotary_emb.inv_freq, self.rotary_emb.attention_scaling)
         context = ForwardContext.build(
-            self.rotary_emb, cache, batch, steps,
+            rope, cache, input_ids,
             groups=config.num_attention_heads // config.num_key_value_heads,
-            sliding_window=config.sliding_window, like=hidden,
+            sliding_window=config.sliding_window, dtype=hidden.dtype,
         )
         passes = forward_passes or config.forward_passes
         grad_passes = config.backward_passes if backward_passes is None else backward_passes
@@ -123,9 +123,7 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
                     hidden = group_input
                     for layer in layers:
                         hidden = layer(hidden, context)
-        if cache is not None:
-            keys, values = context.new_kv_for_cache()
-            cache.append(keys.detach(), values.detach(), input_ids)
+        context.finish(input_ids)
         return self.norm(hidden)
 
 

@@ -1,0 +1,31 @@
+"""The embedded default model: SmolLM2-135M-Instruct converted to LCKV plus the shipped trained delta."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .base_model import GGUF_SHA256, load_base
+from .config import LCKVLlamaConfig
+from .convert import convert_llama
+from .delta import apply_delta
+
+DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-lckv"
+
+
+def load_default_model(
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    delta: Path = DEFAULT_DELTA,
+    progress: Callable[[str], None] = print,
+):
+    """(model, tokenizer) of the default LCKV chat model; network only for the one-time base fetch."""
+    base, tokenizer = load_base("cpu", torch.float32, progress)
+    config = LCKVLlamaConfig.from_pretrained(delta)
+    fields = {k: getattr(config, k) for k in ("forward_passes", "backward_passes", "sliding_window")}
+    model = convert_llama(base, config.layer_types, **fields)
+    del base
+    apply_delta(model, delta, expected_base_sha256=GGUF_SHA256)
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer

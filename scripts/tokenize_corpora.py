@@ -1,0 +1,80 @@
+"""Tokenize the text corpora of `scripts/prepare_text_data.py` with the base model's tokenizer.
+
+Writes uint16 token arrays (the vocabulary has 49152 entries):
+  train.npy    plain documents separated by <|endoftext|>, a share of them wrapped as a chat turn
+  heldout.npy  held-out documents (never trained on), for perplexity
+  stream.npy   one long text, for streaming perplexity
+
+    python scripts/tokenize_corpora.py --text .data --out /tmp/lckv-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lckv_stream.base_model import load_base  # noqa: E402
+
+DOC_SEPARATOR = "<|doc|>"
+CHAT_SHARE = 0.35
+QUESTIONS = [
+    "Tell me about {head}.",
+    "What does this mean: {head}?",
+    "Can you explain {head}?",
+    "Write a short passage that starts with: {head}",
+    "I'd like to learn something. Start with \"{head}\".",
+]
+
+
+def read_documents(path: Path) -> list[str]:
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    return [doc.strip() for doc in text.split(DOC_SEPARATOR) if doc.strip()]
+
+
+def as_chat(tokenizer, doc: str, rng: random.Random) -> str:
+    """Wrap a document as an assistant answer, so the student also sees the chat format."""
+    head = " ".join(doc.split()[:5]).rstrip(".,;:")
+    question = rng.choice(QUESTIONS).format(head=head)
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": doc}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def encode_documents(tokenizer, docs: list[str], chat_share: float, seed: int) -> np.ndarray:
+    rng = random.Random(seed)
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    texts = [as_chat(tokenizer, doc, rng) if rng.random() < chat_share else doc for doc in docs]
+    ids: list[int] = []
+    for start in range(0, len(texts), 2048):
+        for encoded in tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
+            ids.append(separator)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, default=Path(".data"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lckv-data"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    _, tokenizer = load_base("cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = [("train", "train.txt.xz", CHAT_SHARE), ("heldout", "heldout.txt", 0.0), ("stream", "stream.txt.xz", 0.0)]
+    for name, filename, share in plan:
+        docs = read_documents(args.text / filename)
+        tokens = encode_documents(tokenizer, docs, share, args.seed)
+        np.save(args.out / f"{name}.npy", tokens)
+        print(f"{name}: {len(docs)} documents, {len(tokens):,} tokens")
+
+
+if __name__ == "__main__":
+    main()
