@@ -9,14 +9,18 @@ Outputs (under --out, default .data/):
 
 The three splits come from disjoint packages:
   train   dictionaries (GCIDE, FOLDOC, Jargon, Devil's Dictionary), fortunes,
-          Python / PostgreSQL / Perl documentation, Debian manuals
+          Python / Django / SQLAlchemy / PostgreSQL / Perl / Git / Linux kernel
+          documentation, Debian manuals (reference, developers, maint-guide, policy)
   heldout debian-handbook (English HTML), a package that train never reads
   stream  r-cran-janeaustenr (novels stored as R data; decoded here)
 
 Packages are fetched with `apt-get download` into --cache (reused when the
 .deb is already there) and unpacked with `dpkg-deb -x`.  All inputs are read
 in sorted order and the train shuffle uses a fixed seed, so the output is a
-function of the package versions only (recorded in SOURCES.md).
+function of the package versions only (recorded in SOURCES.md; versions are
+not pinned because Debian mirrors keep only the current one).  Paragraphs are
+de-duplicated across train, and heldout drops any paragraph seen in train;
+SOURCES.md reports the 13-gram overlap between the splits.
 
 Usage:  python scripts/prepare_text_data.py --out .data
 """
@@ -88,21 +92,30 @@ def fetch_deb(name: str, cache: Path) -> Path:
     return found[-1]
 
 
-def licence_summary(copyright_file: Path) -> str:
-    """Summarise a debian/copyright file: its distinct `License:` names, else a first licence-ish line."""
+# Packages whose debian/copyright is free-form text: licence read by hand from that file.
+KNOWN_LICENCES = {
+    "dict-gcide": "GPL-2+ (GCIDE dictionary data)",
+    "dict-foldoc": "GFDL-1.1+, no invariant sections (FOLDOC); Dictionary.debian: verbatim-copy notice",
+    "dict-devil": "public domain (copyright expired)",
+    "fortunes": "BSD-3-clause (fortune-mod, Regents of the University of California)",
+    "python3.11-doc": "PSF-2.0 (Python Software Foundation License) and the notices in its copyright file",
+}
+
+
+def licence_summary(name: str, copyright_file: Path) -> str:
+    """Licence of a package: the `License:` of its `Files: *` stanza (DEP-5), else KNOWN_LICENCES."""
+    if name in KNOWN_LICENCES:
+        return KNOWN_LICENCES[name]
     if not copyright_file.exists():
         return "(no copyright file)"
     text = copyright_file.read_text(errors="replace")
-    names = []
-    for m in re.finditer(r"^License:\s*(\S.*)$", text, re.M):
-        if m.group(1).strip() not in names:
-            names.append(m.group(1).strip())
-    if names:
-        return "; ".join(names)
-    for line in text.splitlines():
-        if re.search(r"licen[cs]e|public domain|GNU|permission", line, re.I):
-            return line.strip()
-    return text.strip().splitlines()[0] if text.strip() else "(empty)"
+    stanzas = [s for s in re.split(r"\n\s*\n", text) if re.search(r"^License:", s, re.M)]
+    main = next((s for s in stanzas if re.search(r"^Files:\s*\*\s*$", s, re.M)), stanzas[0] if stanzas else "")
+    found = re.search(r"^License:\s*(\S.*)$", main, re.M)
+    if not found:
+        return "(see copyright file)"
+    others = {m.strip() for m in re.findall(r"^License:\s*(\S.*)$", text, re.M)} - {found.group(1).strip()}
+    return found.group(1).strip() + (f" (+{len(others)} other licences for some files)" if others else "")
 
 
 def open_package(name: str, cache: Path, work: Path) -> Package:
@@ -115,7 +128,7 @@ def open_package(name: str, cache: Path, work: Path) -> Package:
     run(["dpkg-deb", "-x", str(deb), str(root)])
     version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
     copyright_file = root / "usr/share/doc" / name / "copyright"
-    return Package(name, version, deb.stat().st_size, licence_summary(copyright_file), root)
+    return Package(name, version, deb.stat().st_size, licence_summary(name, copyright_file), root)
 
 
 # --------------------------------------------------------------------------
@@ -186,8 +199,8 @@ _SKIP_CLASSES = {"sphinxsidebar", "related", "footer", "highlight", "headerlink"
                  "navfooter", "toc", "docnav", "mobile-nav", "breadcrumbs", "programlisting",
                  "screen", "synopsis", "cmdsynopsis", "funcsynopsis", "literallayout", "sig",
                  "index", "legalnotice", "copyright", "authorgroup", "revhistory", "admonition-title",
-                 "footnotes", "toc-backref", "contents", "versionmodified", "note", "tip", "warning",
-                 "important", "caution", "sidebar", "example", "informalexample"}
+                 "footnotes", "toc-backref", "contents", "example", "informalexample", "indexterm",
+                 "toctree-wrapper", "doctest", "rubric"}
 _VOID_TAGS = {"br", "img", "hr", "meta", "link", "input", "area", "base", "col", "wbr", "source"}
 
 
@@ -445,9 +458,41 @@ def python_docs(pkg: Package) -> list[str]:
     """Python 3.11 documentation (Sphinx HTML), one doc per page."""
     base = pkg.root / "usr/share/doc/python3.11/html"
     skip = {"genindex", "py-modindex", "search", "contents", "bugs", "copyright", "license", "about"}
-    files = [f for f in base.rglob("*.html") if "_static" not in f.parts and "_sources" not in f.parts
-             and f.stem not in skip and not f.stem.startswith("genindex") and "whatsnew" != f.parent.name
-             or (f.parent.name == "whatsnew" and f.stem in ("3.11", "3.10", "3.9", "3.8"))]
+
+    def wanted(f: Path) -> bool:
+        if f.parent.name == "whatsnew":                    # only the recent "what's new" pages
+            return f.stem in ("3.8", "3.9", "3.10", "3.11")
+        return not {"_static", "_sources"} & set(f.parts) and f.stem not in skip \
+            and not f.stem.startswith("genindex")
+    return html_docs(f for f in base.rglob("*.html") if wanted(f))
+
+
+def sphinx_tree_docs(base: Path, skip_dirs: set[str]) -> list[str]:
+    """Documents from a Sphinx HTML tree, without index/search pages and the given sub-folders."""
+    skip = {"genindex", "py-modindex", "search", "searchindex", "index", "contents"}
+    files = [f for f in base.rglob("*.html")
+             if f.stem not in skip and not (set(f.relative_to(base).parts[:-1]) & skip_dirs)]
+    return html_docs(files)
+
+
+def linux_docs(pkg: Package) -> list[str]:
+    """Linux kernel documentation (Sphinx HTML): admin guide, process, driver and subsystem docs."""
+    base = next((pkg.root / "usr/share/doc").glob("linux-doc-*")) / "html"
+    return sphinx_tree_docs(base, {"_static", "_sources", "_images", "translations"})
+
+
+def django_docs(pkg: Package) -> list[str]:
+    """Django 3.2 documentation (Sphinx HTML); release notes skipped."""
+    base = pkg.root / "usr/share/doc/python-django-doc/html"
+    return sphinx_tree_docs(base, {"_static", "_sources", "_images", "releases"})
+
+
+def html_package_docs(pkg: Package) -> list[str]:
+    """Every English HTML page of a documentation package (git-doc, debian-policy, sqlalchemy docs)."""
+    skip = {"genindex", "py-modindex", "search", "searchindex", "contents", "changelog"}
+    files = [f for f in pkg.root.rglob("*.html") if f.is_file() and f.stem not in skip
+             and not {"_static", "_sources", "_images", "changelog"} & set(f.parts)
+             and not re.search(r"\.(?!en\.)[a-z]{2}(_[A-Z]{2})?\.html$", f.name)]
     return html_docs(files)
 
 
@@ -640,6 +685,11 @@ TRAIN_SOURCES: dict[str, Callable[[Package], list[str]]] = {
     "python3.11-doc": python_docs,
     "postgresql-doc-15": postgresql_docs,
     "perl-doc": perl_docs,
+    "linux-doc-6.1": linux_docs,
+    "python-django-doc": django_docs,
+    "git-doc": html_package_docs,
+    "python-sqlalchemy-doc": html_package_docs,
+    "debian-policy": html_package_docs,
     "debian-reference-en": debian_manuals_docs,
     "developers-reference": debian_manuals_docs,
     "maint-guide": debian_manuals_docs,
@@ -668,6 +718,20 @@ def dedupe_docs(docs: list[str], seen: set[str]) -> list[str]:
     return out
 
 
+def take_chars(docs: list[str], limit: int) -> list[str]:
+    """The first documents (in order) up to `limit` characters; the last one cut at a paragraph break."""
+    kept, total = [], 0
+    for doc in docs:
+        if total + len(doc) > limit:
+            doc = doc[:limit - total].rsplit("\n\n", 1)[0]
+            if len(doc) > 200:
+                kept.append(doc)
+            break
+        kept.append(doc)
+        total += len(doc)
+    return kept
+
+
 def join_docs(docs: list[str]) -> str:
     """Serialise documents with the <|doc|> separator line."""
     return "".join(doc.strip() + f"\n{DOC_SEP}\n" for doc in docs)
@@ -680,16 +744,12 @@ def ngrams(text: str, n: int = 13) -> Iterator[int]:
         yield hash(" ".join(words[i:i + n]))
 
 
-def overlap(probe: str, reference: str, n: int = 13) -> float:
-    """Fraction of `probe`'s word n-grams that also occur in `reference`."""
-    grams = set(ngrams(probe, n))
-    if not grams:
-        return 0.0
-    hits = set()
-    for g in ngrams(reference, n):
-        if g in grams:
-            hits.add(g)
-    return len(hits) / len(grams)
+def overlaps(probes: dict[str, str], reference: str, n: int = 13) -> dict[str, float]:
+    """For each probe text, the fraction of its word n-grams that also occur in `reference` (one pass)."""
+    grams = {name: set(ngrams(text, n)) for name, text in probes.items()}
+    union = set().union(*grams.values())
+    hits = {g for g in ngrams(reference, n) if g in union}
+    return {name: len(g & hits) / max(1, len(g)) for name, g in grams.items()}
 
 
 def write_xz(path: Path, text: str) -> int:
@@ -751,13 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, extract in HELDOUT_SOURCES.items():
             pkg = open_package(name, args.cache, work)
             docs = dedupe_docs(extract(pkg), seen)
-            kept, total = [], 0
-            for doc in docs:
-                if total >= HELDOUT_CHARS:
-                    break
-                doc = doc[:HELDOUT_CHARS - total].rsplit("\n\n", 1)[0] if total + len(doc) > HELDOUT_CHARS else doc
-                kept.append(doc)
-                total += len(doc)
+            kept = take_chars(docs, HELDOUT_CHARS)
+            total = sum(len(d) for d in kept)
             pkg.chars["heldout"] = total
             split_pkgs["heldout"].append(pkg)
             held_docs += kept
@@ -780,9 +835,11 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"stream text too short: {len(stream)} chars")
 
     print("checking n-gram overlap and compressing ...", flush=True)
-    checks = [f"13-gram overlap heldout->train: {overlap(heldout, train):.4%} of heldout 13-grams",
-              f"13-gram overlap stream->train: {overlap(stream, train):.4%} of stream 13-grams",
-              f"13-gram overlap stream->heldout: {overlap(stream, heldout):.4%} of stream 13-grams",
+    vs_train = overlaps({"heldout": heldout, "stream": stream}, train)
+    vs_held = overlaps({"stream": stream}, heldout)
+    checks = [f"13-gram overlap heldout->train: {vs_train['heldout']:.4%} of heldout 13-grams",
+              f"13-gram overlap stream->train: {vs_train['stream']:.4%} of stream 13-grams",
+              f"13-gram overlap stream->heldout: {vs_held['stream']:.4%} of stream 13-grams",
               f"train documents: {len(train_docs):,}; heldout documents: {len(held_docs):,}",
               f"train shuffle seed: {SEED}"]
     sizes["train"] = (len(train), write_xz(args.out / "train.txt.xz", train))
