@@ -12,7 +12,7 @@ from .config import LCKVLlamaConfig
 from .convert import convert_llama
 from .delta import apply_delta
 
-DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-lckv"
+DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-cla2"
 
 
 def load_default_model(
