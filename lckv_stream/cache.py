@@ -29,6 +29,8 @@ class CacheStats:
     dense_bytes: int
     kv_layers: int
     total_layers: int
+    sink: int
+    window: int
 
     @property
     def allocated_mb(self) -> float:
@@ -242,6 +244,8 @@ class SinkWindowCache:
             dense_bytes=seen * self.dense_bytes_per_token,
             kv_layers=len(self.producers),
             total_layers=self.num_layers,
+            sink=self.sink,
+            window=self.window,
         )
 
 

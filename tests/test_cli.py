@@ -1,0 +1,24 @@
+from lckv_stream.cli import footer, main
+from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd
+from lckv_stream.sampling import SamplingSettings
+from tiny import tiny_model
+
+
+def test_unknown_model_path_is_a_clear_error(capsys):
+    assert main(["chat", "--model", "/no/such/model"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_out_of_range_setting_is_a_clear_error(capsys):
+    assert main(["chat", "--window", "0"]) == 2
+    assert "window" in capsys.readouterr().err
+
+
+def test_footer_reports_what_the_engine_measured(tokenizer):
+    chat = ChatSession(tiny_model(vocab_size=len(tokenizer)), tokenizer, cache_settings=CacheSettings(4, 32),
+                       sampling=SamplingSettings(temperature=0, max_new_tokens=5))
+    end = [e for e in chat.send("hello") if isinstance(e, TurnEnd)][0]
+    stats = chat.stats()
+    line = footer(end.metrics, stats)
+    assert f"held {stats.cache.tokens_held}/{stats.conversation_tokens} tokens" in line
+    assert f"cache {stats.cache.allocated_mb:.2f} MB" in line and "eager" in line
