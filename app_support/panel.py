@@ -1,0 +1,81 @@
+"""The metrics panel: numbers read from the session and the engine's metrics, then formatted.
+
+Nothing here is measured or derived: `read_metrics` copies what the engine reports (unit changes
+only), and the other functions format that copy.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from lckv_stream.engine import ChatSession
+from lckv_stream.metrics import device_name, gpu_memory_mb, process_rss_mb
+
+MB = 2**20
+PLOT_COLUMNS = ("token", "latency_ms")
+
+
+def read_metrics(session: ChatSession, device: torch.device, sessions_open: int) -> dict:
+    """A JSON-ready copy of the session's numbers; `last_turn` is the latest finished turn."""
+    stats = session.stats()
+    latest = session.metrics.token_ms[-1][1] if session.metrics.token_ms else None
+    turn = session.metrics.last_turn
+    return {
+        "device": device_name(device),
+        "decoder": stats.decoder,
+        "turns": stats.turns,
+        "tokens_held": stats.cache.tokens_held,
+        "conversation_tokens": stats.conversation_tokens,
+        "sink": stats.cache.sink,
+        "window": stats.cache.window,
+        "cache_mb": stats.cache.allocated_mb,
+        "dense_cache_mb": stats.dense_bytes / MB,
+        "kv_layers": stats.cache.kv_layers,
+        "total_layers": stats.cache.total_layers,
+        "latest_token_ms": latest,
+        "tokens_generated": session.metrics.tokens_generated,
+        "last_turn": None if turn is None else {
+            "prompt_tokens": turn.prompt_tokens,
+            "prefill_ms": turn.prefill_ms,
+            "ttft_ms": turn.ttft_ms,
+            "new_tokens": turn.new_tokens,
+            "decode_ms_per_token": turn.decode_ms_per_token,
+            "tokens_per_s": turn.tokens_per_s,
+            "stop_reason": turn.stop_reason,
+        },
+        "gpu_memory_mb": gpu_memory_mb(device),
+        "process_rss_mb": process_rss_mb(),
+        "sessions_open": sessions_open,
+    }
+
+
+def metrics_markdown(metrics: dict) -> str:
+    """The panel as a Markdown table."""
+    turn = metrics["last_turn"]
+    gpu = metrics["gpu_memory_mb"]
+    rows = [
+        ("Device", f"{metrics['device']} · {metrics['decoder']} decoder"),
+        ("Time to first token (last turn)", "–" if turn is None else f"{turn['ttft_ms']:,.0f} ms"),
+        ("Speed (last turn)", "–" if turn is None else
+            f"{turn['tokens_per_s']:.1f} tokens/s ({turn['decode_ms_per_token']:.1f} ms/token)"),
+        ("Latest token", "–" if metrics["latest_token_ms"] is None else f"{metrics['latest_token_ms']:.1f} ms"),
+        ("Tokens in cache / in conversation",
+            f"{metrics['tokens_held']:,} / {metrics['conversation_tokens']:,}"
+            f" (sink {metrics['sink']} + window {metrics['window']})"),
+        ("KV cache memory",
+            f"**{metrics['cache_mb']:.2f} MB** ({metrics['kv_layers']} of {metrics['total_layers']} layers store KV)"),
+        ("Dense Llama cache, same conversation", f"{metrics['dense_cache_mb']:.2f} MB"),
+        ("GPU memory allocated", "CPU (no GPU)" if gpu is None else
+            f"{gpu['allocated']:,.0f} MB (reserved {gpu['reserved']:,.0f}, peak {gpu['peak']:,.0f})"),
+        ("Process memory (RSS)", f"{metrics['process_rss_mb']:,.0f} MB"),
+        ("Turns · sessions open", f"{metrics['turns']} · {metrics['sessions_open']}"),
+    ]
+    lines = ["| Metric | Value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def latency_frame(session: ChatSession) -> pd.DataFrame:
+    """Per-token latency over the whole conversation: (global token number, ms)."""
+    return pd.DataFrame(list(session.metrics.token_ms), columns=list(PLOT_COLUMNS))
