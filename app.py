@@ -124,18 +124,21 @@ class ChatApp:
     def metrics(self, session: ChatSession) -> dict:
         return read_metrics(session, self.model.device, len(self.registry))
 
-    def view(self, session: ChatSession, status: str, reply: str | None = None, draft=None) -> tuple:
+    def view(
+        self, session: ChatSession, status: str, reply: str | None = None, draft: str | None = None, chat: bool = True
+    ) -> tuple:
         """(chat, message box, status, metrics table, latency plot, raw metrics).
 
         `reply` is the partial reply while it streams (the engine fills the message at the end);
-        `draft` puts text back in the message box, e.g. after an error.
+        `draft` puts text back in the message box, e.g. after an error; `chat=False` leaves the chat
+        as shown (re-sending a long pasted message on every progress update is slow).
         """
-        chat = session.messages
+        messages = session.messages
         if reply is not None:
-            chat[-1]["content"] = reply
+            messages[-1]["content"] = reply
         numbers = self.metrics(session)
         return (
-            chat,
+            messages if chat else gr.skip(),
             gr.skip() if draft is None else draft,
             status,
             metrics_markdown(numbers),
@@ -153,7 +156,7 @@ class ChatApp:
         """Tab closed: free the session at once."""
         self.registry.drop(request.session_hash)
 
-    def configure(self, system_prompt: str, sink: float, window: float, request: gr.Request) -> str:
+    def configure(self, system_prompt: str, sink: int, window: int, request: gr.Request) -> str:
         """Apply settings to the next turn; the status says what the engine will change."""
         session, _ = self.registry.get(request.session_hash)
         try:
@@ -164,7 +167,7 @@ class ChatApp:
         return gr.skip() if change == NOTHING_CHANGED else f"Settings: {change}."
 
     def send(
-        self, message: str, history: list, system_prompt: str, sink: float, window: float, request: gr.Request
+        self, message: str, history: list, system_prompt: str, sink: int, window: int, request: gr.Request
     ) -> tuple:
         """Check the message and settings, show the message at once; the reply streams in `respond`.
 
@@ -186,10 +189,10 @@ class ChatApp:
             notes.append(f"Busy: all {self.slots.limit} generation slots are in use; your message is queued "
                          "and is answered as soon as one frees up.")
         chat = session.messages + [{"role": "user", "content": text}]
-        return "", text, chat, " ".join(notes) or "Sending…"
+        return chat, "", text, " ".join(notes) or "Sending…"
 
     def respond(
-        self, pending: str | None, max_new_tokens: float, temperature: float, top_p: float,
+        self, pending: str | None, max_new_tokens: int, temperature: float, top_p: float,
         request: gr.Request, progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
         """Stream the reply to the message `send` accepted."""
@@ -205,7 +208,7 @@ class ChatApp:
         yield from self._stream(session, events, progress, draft=pending)
 
     def regenerate(
-        self, max_new_tokens: float, temperature: float, top_p: float,
+        self, max_new_tokens: int, temperature: float, top_p: float,
         request: gr.Request, progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
         """Replace the last reply with a new one."""
@@ -219,7 +222,7 @@ class ChatApp:
         yield from self._stream(session, events, progress)
 
     def long_conversation(
-        self, turns: float, max_new_tokens: float, temperature: float, top_p: float,
+        self, turns: int, max_new_tokens: int, temperature: float, top_p: float,
         request: gr.Request, progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
         """Drive `turns` scripted user turns through this session; Stop ends the run."""
@@ -233,10 +236,9 @@ class ChatApp:
             gr.Warning(str(error))
             yield self.view(session, f"⚠️ {error}")
             return
-        total = int(turns)
-        for turn in range(total):
+        for turn in range(turns):
             if halt.is_set():
-                yield self.view(session, f"Long conversation stopped after {turn} of {total} turns.")
+                yield self.view(session, f"Long conversation stopped after {turn} of {turns} turns.")
                 return
             try:
                 events = session.send(SCRIPT[turn % len(SCRIPT)], sampling)
@@ -244,10 +246,10 @@ class ChatApp:
                 gr.Warning(str(error))
                 yield self.view(session, f"⚠️ {error}")
                 return
-            end = yield from self._stream(session, events, progress, label=f"Long conversation, turn {turn + 1}/{total}: ")
+            end = yield from self._stream(session, events, progress, label=f"Long conversation, turn {turn + 1}/{turns}: ")
             if end is None:
                 return
-        yield self.view(session, f"Long conversation done: {total} turns; the cache memory stayed "
+        yield self.view(session, f"Long conversation done: {turns} turns; the cache memory stayed "
                                  f"{self.metrics(session)['cache_mb']:.2f} MB throughout.")
 
     def stop(self, request: gr.Request) -> str:
@@ -261,12 +263,14 @@ class ChatApp:
         return self._edit(request, "clear", "New conversation.")
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _configure(self, session: ChatSession, system_prompt: str, sink: float, window: float) -> str:
-        """session.configure with the UI's values; ValueError (ChatError included) when they are bad."""
-        cache = CacheSettings(_whole(sink, "sink"), _whole(window, "window"))
-        return session.configure(system_prompt=system_prompt or None, cache_settings=cache)
+    def _configure(self, session: ChatSession, system_prompt: str, sink: int, window: int) -> str:
+        """session.configure with the UI's values (sliders bound them; Gradio makes them whole).
 
-    def _sampling(self, max_new_tokens: float, temperature: float, top_p: float) -> SamplingSettings:
+        Raises ValueError (ChatError included) for a bad value, or while a reply streams.
+        """
+        return session.configure(system_prompt=system_prompt or None, cache_settings=CacheSettings(sink, window))
+
+    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float) -> SamplingSettings:
         return SamplingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
     def _edit(self, request: gr.Request, action: str, done: str) -> tuple:
@@ -293,7 +297,8 @@ class ChatApp:
                     if isinstance(event, PrefillProgress):
                         progress((event.done, event.total), desc="Reading your message", unit="tokens")
                         yield self.view(session, f"{label}Reading your message: {event.done:,} / {event.total:,} "
-                                                 "tokens (the cache keeps the pinned start and the latest window).")
+                                                 "tokens (the cache keeps the pinned start and the latest window).",
+                                                 chat=False)
                     elif isinstance(event, TokenEvent):
                         reply += event.text
                         yield self.view(session, f"{label}Streaming… {event.index + 1} tokens", reply=reply)
@@ -306,13 +311,6 @@ class ChatApp:
             gr.Warning(str(error))
             yield self.view(session, f"⚠️ {error}", draft=draft)
         return None
-
-
-def _whole(value: float, name: str) -> int:
-    """Slider values arrive as numbers; the cache wants whole ones."""
-    if value is None or value != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(value)
 
 
 def build_demo(app: ChatApp) -> gr.Blocks:
@@ -371,7 +369,7 @@ def build_demo(app: ChatApp) -> gr.Blocks:
         demo.unload(app.close)
         gr.on(
             [message.submit, send_button.click], app.send, [message, chatbot] + cache_inputs,
-            [message, pending, chatbot, status], api_name="send", **quick,
+            [chatbot, message, pending, status], api_name="send", **quick,
         ).success(app.respond, [pending] + sampling, view, api_name="respond", **generation)
         gr.on(
             [system_prompt.submit, system_prompt.blur, sink.release, window.release], app.configure,

@@ -1,0 +1,71 @@
+"""Start the real Gradio app for tests: in this process (tiny model) or as `python app.py` (any model)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serve_in_process(**config) -> Iterator[tuple]:
+    """(ChatApp, url) of app.py built with AppConfig(**config), served on a free local port."""
+    sys.path.insert(0, str(ROOT))
+    import app as app_module
+
+    chat_app, demo = app_module.create_app(app_module.AppConfig(**config))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield chat_app, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@contextmanager
+def serve_subprocess(env: dict[str, str], log: Path, timeout_s: float = 180) -> Iterator[str]:
+    """URL of `python app.py` started with `env` added to ours; its output goes to `log`."""
+    port = free_port()
+    full_env = {**os.environ, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(url, process, timeout_s, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the app did not answer on {url} within {timeout_s} s:\n{log.read_text()[-3000:]}")
