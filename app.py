@@ -324,21 +324,21 @@ def build_demo(app: ChatApp) -> gr.Blocks:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat")
                 message = gr.Textbox(
-                    label="Message", placeholder="Type a message and press Enter", lines=2, max_lines=8,
+                    label="Message", placeholder="Type a message and press Enter", lines=1, max_lines=8,
                     elem_id="message",
                 )
                 with gr.Row():
-                    send_button = gr.Button("Send", variant="primary", elem_id="send")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                    regenerate_button = gr.Button("Regenerate")
-                    undo_button = gr.Button("Undo")
-                    clear_button = gr.Button("Clear")
+                    send_button = gr.Button("Send", variant="primary", size="sm", min_width=80, elem_id="send")
+                    stop_button = gr.Button("Stop", variant="stop", size="sm", min_width=80, elem_id="stop")
+                    regenerate_button = gr.Button("Regenerate", size="sm", min_width=80)
+                    undo_button = gr.Button("Undo", size="sm", min_width=80)
+                    clear_button = gr.Button("Clear", size="sm", min_width=80)
                 status = gr.Markdown("Loading…", label="status", elem_id="status")
             with gr.Column(scale=2):
                 panel = gr.Markdown(label="metrics", elem_id="metrics")
                 plot = gr.LinePlot(
                     x=PLOT_COLUMNS[0], y=PLOT_COLUMNS[1], title="Per-token latency, whole conversation",
-                    x_title="token", y_title="ms", height=240, label="latency", elem_id="latency",
+                    x_title="token", y_title="ms", height=240, label="latency", show_label=False, elem_id="latency",
                 )
                 with gr.Accordion("Raw numbers (JSON)", open=False):
                     raw = gr.JSON(label="raw_metrics", elem_id="raw-metrics")
