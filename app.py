@@ -20,6 +20,7 @@ import gradio as gr
 
 from app_support.panel import PLOT_COLUMNS, latency_frame, metrics_markdown, read_metrics
 from app_support.sessions import GenerationSlots, SessionRegistry
+from app_support.streaming import EventPump
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
 from lckv_stream.chat_format import ChatError, clean_message
@@ -285,31 +286,36 @@ class ChatApp:
     def _stream(
         self, session: ChatSession, events, progress: gr.Progress, draft: str | None = None, label: str = ""
     ) -> Iterator[tuple]:
-        """Relay engine events as views; returns the TurnEnd, or None when the engine refused the turn.
+        """Relay engine events as views, one per batch that arrived since the last update.
 
-        On a ChatError (busy, out of memory) the engine has already dropped the turn; the user's
-        message goes back into the box so nothing typed is lost.
+        Returns the TurnEnd, or None when the engine refused the turn. On a ChatError (busy, out of
+        memory) the engine has already dropped the turn; the user's message goes back into the box.
         """
         reply = ""
+        pump = EventPump(events)
         try:
             with self.slots.hold():
-                for event in events:
-                    if isinstance(event, PrefillProgress):
-                        progress((event.done, event.total), desc="Reading your message", unit="tokens")
-                        yield self.view(session, f"{label}Reading your message: {event.done:,} / {event.total:,} "
+                for batch in pump.batches():
+                    reply += "".join(event.text for event in batch if isinstance(event, TokenEvent))
+                    last = batch[-1]
+                    if isinstance(last, PrefillProgress):
+                        progress((last.done, last.total), desc="Reading your message", unit="tokens")
+                        yield self.view(session, f"{label}Reading your message: {last.done:,} / {last.total:,} "
                                                  "tokens (the cache keeps the pinned start and the latest window).",
                                                  chat=False)
-                    elif isinstance(event, TokenEvent):
-                        reply += event.text
-                        yield self.view(session, f"{label}Streaming… {event.index + 1} tokens", reply=reply)
-                    elif isinstance(event, TurnEnd):
-                        lost = event.reason == "stopped_while_reading"
-                        note = f"{label}Done: {event.metrics.new_tokens} tokens, {END_NOTES[event.reason]}."
+                    elif isinstance(last, TokenEvent):
+                        yield self.view(session, f"{label}Streaming… {last.index + 1} tokens", reply=reply)
+                    elif isinstance(last, TurnEnd):
+                        lost = last.reason == "stopped_while_reading"
+                        note = f"{label}Done: {last.metrics.new_tokens} tokens, {END_NOTES[last.reason]}."
                         yield self.view(session, note, draft=draft if lost else None)
-                        return event
+                        return last
         except ChatError as error:
             gr.Warning(str(error))
             yield self.view(session, f"⚠️ {error}", draft=draft)
+        finally:
+            if pump.running:  # the page stopped listening mid-reply: end the turn, freeing the session
+                session.stop()
         return None
 
 

@@ -67,16 +67,19 @@ def wait_for(condition, timeout_s: float = 30) -> None:
 
 
 def test_a_turn_streams_partial_updates_with_live_metrics(client, chat_app):
-    chat, draft, status = send(client, "Hello there")
-    assert draft == "" and text_of(chat[-1]) == "Hello there"
-    outs = updates(respond(client, max_new_tokens=12, temperature=1.0))
+    chat, draft, status = send(client, ENDLESS["message"])
+    assert draft == "" and text_of(chat[-1]) == ENDLESS["message"]
+    outs = updates(respond(client, max_new_tokens=200, temperature=ENDLESS["temperature"]))
     streaming = [out for out in outs if out[2].startswith("Streaming")]
     assert len(streaming) > 1
-    # The reply grows token by token, and the metrics panel moves with it.
+    # The reply grows as tokens arrive, and the metrics panel and the latency plot move with it.
+    replies = [text_of(out[0][-1]) for out in streaming]
+    assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:])) and replies[-1] != replies[0]
     held = [out[5]["tokens_held"] for out in streaming]
-    assert held == sorted(held) and held[-1] > held[0]
-    assert [len(out[4]["data"]) for out in streaming] == list(range(1, len(streaming) + 1))
-    assert outs[-1][2].startswith("Done:")
+    points = [len(out[4]["data"]) for out in streaming]
+    assert held == sorted(held) and held[-1] > held[0] and points == sorted(points) and points[-1] > points[0]
+    assert outs[-1][2] == "Done: 200 tokens, reached the max new tokens setting."
+    assert len(outs[-1][4]["data"]) == 200
 
 
 def test_final_metrics_are_the_engines(client, chat_app):

@@ -22,7 +22,7 @@ FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-REPLY_TOKENS = 40
+REPLY_TOKENS = 150
 
 # Records every text the last bot message and the metrics table show, as the DOM changes.
 RECORD = """() => {

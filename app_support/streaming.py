@@ -1,0 +1,62 @@
+"""Run a turn's engine events in their own thread and hand them to the UI in batches.
+
+The engine times each token from the previous one, so a consumer that takes a while between tokens
+(Gradio serializes and sends every update) would be counted in the model's per-token latency. Here
+the engine never waits for the UI: a thread iterates it into a queue, and the UI takes whatever has
+arrived since its last update, as one batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class EventPump:
+    """Iterates `events` in a daemon thread; `batches()` yields the events received since the last batch."""
+
+    def __init__(self, events: Iterator) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(events,), name="lckv-turn", daemon=True)
+        self._thread.start()
+
+    def _run(self, events: Iterator) -> None:
+        try:
+            for event in events:
+                self._queue.put(event)
+        except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
+            self._queue.put(_Failure(error))
+        finally:
+            self._queue.put(_DONE)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def batches(self) -> Iterator[list]:
+        """Lists of events in order, blocking until at least one is there; raises what the engine raised."""
+        while True:
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            events = []
+            for item in items:
+                if isinstance(item, _Failure):
+                    raise item.error
+                if item is _DONE:
+                    if events:
+                        yield events
+                    return
+                events.append(item)
+            yield events
