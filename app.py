@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, fields
 from typing import Iterator, Mapping, Sequence
 
@@ -29,6 +30,7 @@ from lckv_stream.metrics import device_name
 from lckv_stream.sampling import LIMITS, SamplingSettings
 
 SINK_RANGE = (0, 64)
+PLOT_EVERY_S = 0.5  # while a reply streams, the latency plot is redrawn at most this often
 NOTHING_CHANGED = "nothing changed"  # what session.configure says when the settings are the same
 WINDOW_RANGE = (16, min(8192, MAX_WINDOW))
 
@@ -126,13 +128,15 @@ class ChatApp:
         return read_metrics(session, self.model.device, len(self.registry))
 
     def view(
-        self, session: ChatSession, status: str, reply: str | None = None, draft: str | None = None, chat: bool = True
+        self, session: ChatSession, status: str, reply: str | None = None, draft: str | None = None,
+        chat: bool = True, plot: bool = True,
     ) -> tuple:
         """(chat, message box, status, metrics table, latency plot, raw metrics).
 
         `reply` is the partial reply while it streams (the engine fills the message at the end);
-        `draft` puts text back in the message box, e.g. after an error; `chat=False` leaves the chat
-        as shown (re-sending a long pasted message on every progress update is slow).
+        `draft` puts text back in the message box, e.g. after an error. `chat=False` / `plot=False`
+        leave those as shown: Gradio walks every value it sends, so a long chat or a long latency
+        history costs time on each update.
         """
         messages = session.messages
         if reply is not None:
@@ -143,7 +147,7 @@ class ChatApp:
             gr.skip() if draft is None else draft,
             status,
             metrics_markdown(numbers),
-            latency_frame(session),
+            latency_frame(session) if plot else gr.skip(),
             numbers,
         )
 
@@ -292,6 +296,7 @@ class ChatApp:
         memory) the engine has already dropped the turn; the user's message goes back into the box.
         """
         reply = ""
+        plotted = float("-inf")  # the first token redraws the plot
         pump = EventPump(events)
         try:
             with self.slots.hold():
@@ -302,9 +307,11 @@ class ChatApp:
                         progress((last.done, last.total), desc="Reading your message", unit="tokens")
                         yield self.view(session, f"{label}Reading your message: {last.done:,} / {last.total:,} "
                                                  "tokens (the cache keeps the pinned start and the latest window).",
-                                                 chat=False)
+                                                 chat=False, plot=False)
                     elif isinstance(last, TokenEvent):
-                        yield self.view(session, f"{label}Streaming… {last.index + 1} tokens", reply=reply)
+                        replot = time.monotonic() - plotted >= PLOT_EVERY_S
+                        plotted = time.monotonic() if replot else plotted
+                        yield self.view(session, f"{label}Streaming… {last.index + 1} tokens", reply=reply, plot=replot)
                     elif isinstance(last, TurnEnd):
                         lost = last.reason == "stopped_while_reading"
                         note = f"{label}Done: {last.metrics.new_tokens} tokens, {END_NOTES[last.reason]}."
