@@ -1,4 +1,9 @@
-"""Encoding new tokens into a cache and decoding one token at a time."""
+"""Encoding new tokens into a cache and decoding one token at a time.
+
+`EagerDecoder` runs the model for every call. `GraphDecoder` captures the one-token step once in a
+CUDA graph and replays it: the sink + window cache has fixed-size buffers and a one-token step does
+no host synchronization, so every step has the same shapes and addresses.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,51 @@ class EagerDecoder:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per row [batch]; logits for the next one [batch, vocab]."""
         return self.model(token_ids.view(-1, 1), self.cache, logits_to_keep=1).logits[:, -1]
+
+
+class GraphDecoder(EagerDecoder):
+    """The one-token step captured in a CUDA graph; prefill stays eager (its shapes vary)."""
+
+    name = "cuda-graph"
+
+    def __init__(self, model, cache: SinkWindowCache, warmup: int = 3) -> None:
+        super().__init__(model, cache)
+        if cache.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
+        self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
+        saved = cache.snapshot()  # warm-up and capture run real steps: put the state back afterwards
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._logits = self._run()
+        cache.restore(saved)
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self._tokens, self.cache, logits_to_keep=1).logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self._tokens.copy_(token_ids.view(-1, 1))
+        self._graph.replay()
+        return self._logits
+
+
+def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True):
+    """A CUDA-graph decoder where possible, else eager (on CPU, or if capture fails)."""
+    if prefer_graph and cache.device.type == "cuda":
+        try:
+            return GraphDecoder(model, cache)
+        except RuntimeError as error:  # capture is not supported here: eager works everywhere
+            decoder = EagerDecoder(model, cache)
+            decoder.name = f"eager (graph capture failed: {str(error)[:80]})"
+            return decoder
+    return EagerDecoder(model, cache)
 
 
 def prefill_in_chunks(

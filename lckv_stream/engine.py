@@ -16,7 +16,7 @@ import torch
 
 from .cache import CacheStats, SinkWindowCache, validate_cache_size
 from .chat_format import ChatError, ChatFormat, clean_message
-from .decoding import EagerDecoder, prefill_in_chunks
+from .decoding import make_decoder, prefill_in_chunks
 from .metrics import ConversationMetrics, Stopwatch, TurnMetrics, synchronize
 from .sampling import SamplingSettings, sample_next
 
@@ -100,7 +100,7 @@ class ChatSession:
         sampling: SamplingSettings = SamplingSettings(),
         prefill_chunk: int = 256,
         seed: int | None = None,
-        decoder_factory=EagerDecoder,
+        decoder_factory=make_decoder,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")

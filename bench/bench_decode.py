@@ -1,0 +1,247 @@
+"""Decode speed and memory, side by side in one run on the same weights (GPU).
+
+Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random weights:
+  (a) transformers eager, DynamicCache (dense)
+  (b) transformers StaticCache, decode step captured by hand in a CUDA graph (dense)
+  (c) ours, eager, sink + window cache, the default model's layer map
+  (d) ours, CUDA graph (the engine's decoder), same map; (d*) same with the LCKV 1+1 warmup map
+For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
+context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens.
+Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b) and (d).
+
+    python bench/bench_decode.py --out bench/results/decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.cache_utils import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lckv_stream import cla_map, lckv_map  # noqa: E402
+from lckv_stream.convert import convert_llama  # noqa: E402
+from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
+
+LENGTHS = [1024, 8192, 65536, 1 << 20]
+TRAINED_CONTEXT = 8192
+SINK, WINDOW = 4, 4092
+VOCAB = 49152
+
+
+def smollm_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=TRAINED_CONTEXT,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    )
+
+
+def timed_ms(step, steps: int, warmup: int = 10) -> float:
+    """Mean ms of `step()` over `steps` calls, timed with CUDA events after a warm-up."""
+    for _ in range(warmup):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def random_ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), device="cuda")
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+# ---- transformers baselines -----------------------------------------------------------------------
+@torch.inference_mode()
+def hf_eager(model, length: int, steps: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache(config=model.config)
+    model(random_ids(1, length), past_key_values=cache, use_cache=True)
+    token = random_ids(1, 1)
+    ms = timed_ms(lambda: model(token, past_key_values=cache, use_cache=True), steps)
+    # the timed steps grew the cache by warm-up + steps tokens; report the size at `length`
+    per_token = kv_bytes(cache) / cache.get_seq_length()
+    return {"ms_per_token": ms, "kv_mb": per_token * length / 2**20, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+class HFGraphStep:
+    """transformers' StaticCache decode step, captured by hand in a CUDA graph."""
+
+    def __init__(self, model, batch: int, length: int, extra: int) -> None:
+        self.cache = StaticCache(config=model.config, max_cache_len=length + extra)
+        model(random_ids(batch, length), past_key_values=self.cache, use_cache=True,
+              cache_position=torch.arange(length, device="cuda"))
+        self.ids = random_ids(batch, 1)
+        self.position = torch.tensor([length], device="cuda")
+        run = lambda: model(self.ids, past_key_values=self.cache, use_cache=True,  # noqa: E731
+                            cache_position=self.position, position_ids=self.position.expand(batch, 1)).logits
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+
+    def step(self) -> None:
+        # The position stays put: each replay rewrites the same slot, the cost of a step at `length`.
+        self.graph.replay()
+
+
+@torch.inference_mode()
+def hf_graph(model, length: int, steps: int, batch: int = 1) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    runner = HFGraphStep(model, batch, length, extra=8)
+    ms = timed_ms(runner.step, steps)
+    return {"ms_per_token": ms, "kv_mb": kv_bytes(runner.cache) / 2**20,
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+# ---- ours ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def fill(model, cache, length: int, chunk: int = 4096) -> None:
+    """Bring the cache to stream position `length`. Up to 64k tokens are really encoded; beyond, the
+    sinks and the last window are encoded at their true stream indices (what a cache holds there)."""
+    batch = cache.batch_size
+    if length <= 65536:
+        for start in range(0, length, chunk):
+            model(random_ids(batch, min(chunk, length - start)), cache)
+        return
+    model(random_ids(batch, SINK), cache)
+    cache.seen.fill_(length - WINDOW)
+    for start in range(0, WINDOW, chunk):
+        model(random_ids(batch, min(chunk, WINDOW - start)), cache)
+
+
+@torch.inference_mode()
+def ours(model, length: int, steps: int, graph: bool, batch: int = 1) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    cache = model.new_cache(SINK, WINDOW, batch_size=batch)
+    fill(model, cache, length)
+    decoder = GraphDecoder(model, cache) if graph else EagerDecoder(model, cache)
+    token = random_ids(batch, 1)
+    ms = timed_ms(lambda: decoder.step(token), steps)
+    return {"ms_per_token": ms, "kv_mb": cache.allocated_bytes / 2**20,
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20, "seen": cache.tokens_seen()}
+
+
+@torch.inference_mode()
+def ttft(prefill_and_first, repeats: int = 5) -> float:
+    """ms from a 100-token turn's arrival to its first token, after 1,024 tokens of conversation."""
+    times = []
+    for _ in range(repeats):
+        setup = prefill_and_first()
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        setup()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ttft_hf(model):
+    def prepare():
+        cache = DynamicCache(config=model.config)
+        model(random_ids(1, 1024), past_key_values=cache, use_cache=True)
+        turn = random_ids(1, 100)
+        return lambda: model(turn, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).item()
+    return ttft(prepare)
+
+
+def ttft_ours(model):
+    """Prefill is eager in both of our variants (its shapes vary); the graph serves the steps after."""
+    cache = model.new_cache(SINK, WINDOW)
+    decoder = EagerDecoder(model, cache)
+
+    def prepare():
+        cache.reset()
+        fill(model, cache, 1024)
+        turn = random_ids(1, 100)
+        return lambda: decoder.prefill(turn).argmax(-1).item()
+    return ttft(prepare)
+
+
+VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "d_ours_graph_lckv_w2")
+
+
+def run_variant(name: str, steps: int) -> dict:
+    """Latency rows (and batch throughput / TTFT where the variant has them) of one variant."""
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
+    model = {
+        "c_ours_eager": lambda: convert_llama(dense, cla_map(30, 2)),
+        "d_ours_graph": lambda: convert_llama(dense, cla_map(30, 2)),
+        "d_ours_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
+    }.get(name, lambda: dense)().eval()
+    measure = {
+        "a_hf_eager": lambda n, b: hf_eager(model, n, 50),
+        "b_hf_static_graph": lambda n, b: hf_graph(model, n, steps, batch=b),
+        "c_ours_eager": lambda n, b: ours(model, n, 50, graph=False),
+        "d_ours_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b),
+        "d_ours_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True),
+    }[name]
+    result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "cache": {"sink": SINK, "window": WINDOW}, "latency": {}}
+    for length in LENGTHS:
+        if name.startswith(("a_", "b_")) and length > TRAINED_CONTEXT:
+            result["latency"][str(length)] = None  # past the trained context: dense baselines stop
+            continue
+        result["latency"][str(length)] = measure(length, 1)
+        print(name, length, {k: round(v, 3) for k, v in result["latency"][str(length)].items()}, flush=True)
+        torch.cuda.empty_cache()
+    if name == "a_hf_eager":
+        result["ttft_ms"] = ttft_hf(model)
+    if name == "c_ours_eager":
+        result["ttft_ms"] = ttft_ours(model)
+    if name in ("b_hf_static_graph", "d_ours_graph"):
+        result["batch"] = {}
+        for batch in (1, 8, 32, 64):
+            row = measure(1024, batch)
+            row["tokens_per_s"] = batch * 1e3 / row["ms_per_token"]
+            result["batch"][str(batch)] = row
+            print(name, "batch", batch, round(row["tokens_per_s"]), flush=True)
+            torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for one JSON file per variant")
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant (default: each in its own process)")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.variant:
+        result = run_variant(args.variant, args.steps)
+        (args.out / f"{args.variant}.json").write_text(json.dumps(result, indent=1))
+        return
+    # One process per variant: a failing kernel in one (a device-side assert) cannot spoil the others.
+    import subprocess
+
+    for name in VARIANTS:
+        done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--variant", name,
+                               "--steps", str(args.steps)])
+        if done.returncode:
+            (args.out / f"{name}.json").write_text(json.dumps({"variant": name, "error": done.returncode}))
+
+
+if __name__ == "__main__":
+    main()

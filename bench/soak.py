@@ -1,0 +1,104 @@
+"""Soak: thousands of scripted chat turns through one `ChatSession` on the GPU (CUDA-graph decoder).
+
+Per turn it records the mean decode latency, the cache bytes, tokens held / seen and the GPU memory
+allocated; writes JSON and a PNG plot of latency and memory over the turns.
+
+    python bench/soak.py --turns 5000 --tokenizer TOKENIZER_FOLDER --out bench/results/soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd  # noqa: E402
+from lckv_stream.sampling import SamplingSettings  # noqa: E402
+
+MESSAGES = ["Tell me about rivers.", "Why?", "Give an example.", "And then what happened next in the story?",
+            "Summarize the last answer in one sentence, please.", "ok"]
+
+
+def load(model_source: str, tokenizer_folder: str | None):
+    if model_source == "random":
+        from transformers import AutoTokenizer
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_decode import smollm_config  # noqa: E402
+        from transformers import LlamaForCausalLM
+
+        from lckv_stream import cla_map
+        from lckv_stream.convert import convert_llama
+
+        torch.manual_seed(0)
+        dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16)
+        return convert_llama(dense, cla_map(30, 2)), AutoTokenizer.from_pretrained(tokenizer_folder)
+    from lckv_stream.loading import load_model
+
+    return load_model(model_source, "cuda")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = [r["turn"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(turns, [r["decode_ms"] for r in rows], lw=0.6)
+    top.set_ylabel("decode ms/token (turn mean)")
+    top.set_ylim(bottom=0)
+    bottom.plot(turns, [r["cache_mb"] for r in rows], label="cache MB (allocated)")
+    bottom.plot(turns, [r["gpu_mb"] for r in rows], label="GPU MB allocated (process)")
+    bottom.plot(turns, [r["dense_mb"] for r in rows], label="dense cache MB for the same conversation", ls="--")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("MB")
+    bottom.set_xlabel("turn")
+    bottom.legend(fontsize=8)
+    fig.suptitle("Soak: per-turn latency and memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=5000)
+    parser.add_argument("--model", default="default", help="'default', a folder, or 'random' (same architecture)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --model random")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1020)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model, tokenizer = load(args.model, args.tokenizer)
+    chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(args.sink, args.window), seed=0,
+                       sampling=SamplingSettings(temperature=0.8, max_new_tokens=args.max_new_tokens))
+    rows = []
+    began = time.time()
+    for turn in range(args.turns):
+        end = [e for e in chat.send(MESSAGES[turn % len(MESSAGES)]) if isinstance(e, TurnEnd)][0]
+        stats = chat.stats()
+        rows.append({
+            "turn": turn + 1, "decode_ms": end.metrics.decode_ms_per_token, "ttft_ms": end.metrics.ttft_ms,
+            "new_tokens": end.metrics.new_tokens, "cache_mb": stats.cache.allocated_mb,
+            "held": stats.cache.tokens_held, "conversation_tokens": stats.conversation_tokens,
+            "dense_mb": stats.dense_bytes / 2**20, "gpu_mb": torch.cuda.memory_allocated() / 2**20,
+        })
+        if (turn + 1) % 500 == 0:
+            print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"decoder": chat.stats().decoder, "device": torch.cuda.get_device_name(), "turns": args.turns,
+               "model": args.model, "sink": args.sink, "window": args.window}
+    (args.out / "soak.json").write_text(json.dumps({"summary": summary, "rows": rows}))
+    plot(rows, args.out / "soak.png")
+
+
+if __name__ == "__main__":
+    main()
