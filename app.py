@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Iterator, Mapping, Sequence
 
@@ -30,9 +31,9 @@ from lckv_stream.metrics import device_name
 from lckv_stream.sampling import LIMITS, SamplingSettings
 
 SINK_RANGE = (0, 64)
+WINDOW_RANGE = (16, min(8192, MAX_WINDOW))
 PLOT_EVERY_S = 0.5  # while a reply streams, the latency plot is redrawn at most this often
 NOTHING_CHANGED = "nothing changed"  # what session.configure says when the settings are the same
-WINDOW_RANGE = (16, min(8192, MAX_WINDOW))
 
 END_NOTES = {
     "eos": "the model finished its answer",
@@ -122,6 +123,8 @@ class ChatApp:
             idle_seconds=config.idle_minutes * 60,
         )
         self.slots = GenerationSlots(config.max_generations)
+        # Engine turns run here (see EventPump); Gradio's queue already caps them at max_generations.
+        self.workers = ThreadPoolExecutor(config.max_generations, thread_name_prefix="lckv-turn")
 
     # ---- views --------------------------------------------------------------------------------
     def metrics(self, session: ChatSession) -> dict:
@@ -241,6 +244,7 @@ class ChatApp:
             gr.Warning(str(error))
             yield self.view(session, f"⚠️ {error}")
             return
+        before = self.metrics(session)
         for turn in range(turns):
             if halt.is_set():
                 yield self.view(session, f"Long conversation stopped after {turn} of {turns} turns.")
@@ -254,8 +258,10 @@ class ChatApp:
             end = yield from self._stream(session, events, progress, label=f"Long conversation, turn {turn + 1}/{turns}: ")
             if end is None:
                 return
-        yield self.view(session, f"Long conversation done: {turns} turns; the cache memory stayed "
-                                 f"{self.metrics(session)['cache_mb']:.2f} MB throughout.")
+        after = self.metrics(session)
+        yield self.view(session, f"Long conversation done: {turns} turns. Conversation {before['conversation_tokens']:,}"
+                                 f" → {after['conversation_tokens']:,} tokens; KV cache {before['cache_mb']:.2f} → "
+                                 f"{after['cache_mb']:.2f} MB.")
 
     def stop(self, request: gr.Request) -> str:
         self.registry.stop(request.session_hash)
@@ -297,7 +303,7 @@ class ChatApp:
         """
         reply = ""
         plotted = float("-inf")  # the first token redraws the plot
-        pump = EventPump(events)
+        pump = EventPump(events, self.workers)
         try:
             with self.slots.hold():
                 for batch in pump.batches():

@@ -3,13 +3,14 @@
 The engine times each token from the previous one, so a consumer that takes a while between tokens
 (Gradio serializes and sends every update) would be counted in the model's per-token latency. Here
 the engine never waits for the UI: a thread iterates it into a queue, and the UI takes whatever has
-arrived since its last update, as one batch.
+arrived since its last update, as one batch. The threads come from a fixed pool: a new thread per
+turn would leave a new malloc arena behind now and then, and the process would grow.
 """
 
 from __future__ import annotations
 
 import queue
-import threading
+from concurrent.futures import Executor
 from typing import Iterator
 
 _DONE = object()
@@ -21,12 +22,11 @@ class _Failure:
 
 
 class EventPump:
-    """Iterates `events` in a daemon thread; `batches()` yields the events received since the last batch."""
+    """Iterates `events` on one of `workers`' threads; `batches()` yields what arrived since the last batch."""
 
-    def __init__(self, events: Iterator) -> None:
+    def __init__(self, events: Iterator, workers: Executor) -> None:
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(events,), name="lckv-turn", daemon=True)
-        self._thread.start()
+        self._done = workers.submit(self._run, events)
 
     def _run(self, events: Iterator) -> None:
         try:
@@ -39,7 +39,7 @@ class EventPump:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return not self._done.done()
 
     def batches(self) -> Iterator[list]:
         """Lists of events in order, blocking until at least one is there; raises what the engine raised."""

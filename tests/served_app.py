@@ -1,8 +1,12 @@
-"""Start the real Gradio app for tests: in this process (tiny model) or as `python app.py` (any model)."""
+"""Start the real Gradio app for tests: in this process (tiny model) or as `python app.py` (any model).
+
+Also where the headless Chromium used against it is found, and its flags.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +17,11 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 
 
 def free_port() -> int:

@@ -6,22 +6,16 @@ Chromium is used). Skipped, saying why, only when one of them is missing.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
-from served_app import serve_in_process
+from served_app import CHROMIUM, CHROMIUM_FLAGS, serve_in_process
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 REPLY_TOKENS = 150
 
 # Records every text the last bot message and the metrics table show, as the DOM changes.
@@ -47,7 +41,7 @@ def served():
 def page(tmp_path):
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1000},
         )
         try:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from app_support.streaming import EventPump
 
+WORKERS = ThreadPoolExecutor(2)
+
 
 def test_batches_keep_every_event_in_order():
-    pump = EventPump(iter(range(100)))
+    pump = EventPump(iter(range(100)), WORKERS)
     received = []
     for batch in pump.batches():
         assert batch
@@ -32,7 +35,7 @@ def test_a_slow_consumer_does_not_hold_the_producer_back():
             waits.append(time.perf_counter() - started)
         finished.set()
 
-    pump = EventPump(producer())
+    pump = EventPump(producer(), WORKERS)
     first = next(pump.batches())
     assert finished.wait(5) and max(waits) < 0.05  # done while the consumer still holds its first batch
     assert first[0] == 0
@@ -43,7 +46,7 @@ def test_the_producers_error_reaches_the_consumer():
         yield 1
         raise ValueError("busy")
 
-    pump = EventPump(failing())
+    pump = EventPump(failing(), WORKERS)
     with pytest.raises(ValueError, match="busy"):
         for _ in pump.batches():
             pass
