@@ -91,13 +91,17 @@ def main() -> None:
             "held": stats.cache.tokens_held, "conversation_tokens": stats.conversation_tokens,
             "dense_mb": stats.dense_bytes / 2**20, "gpu_mb": torch.cuda.memory_allocated() / 2**20,
         })
-        if (turn + 1) % 500 == 0:
+        if (turn + 1) % 500 == 0 or turn + 1 == args.turns:
             print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
+            save(rows, chat, args)  # partial results survive a run cut short
+    plot(rows, args.out / "soak.png")
+
+
+def save(rows: list[dict], chat: ChatSession, args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"decoder": chat.stats().decoder, "device": torch.cuda.get_device_name(), "turns": args.turns,
+    summary = {"decoder": chat.stats().decoder, "device": torch.cuda.get_device_name(), "turns": len(rows),
                "model": args.model, "sink": args.sink, "window": args.window}
     (args.out / "soak.json").write_text(json.dumps({"summary": summary, "rows": rows}))
-    plot(rows, args.out / "soak.png")
 
 
 if __name__ == "__main__":
