@@ -9,6 +9,7 @@ the last turn; when none fits (after a settings change) the cache is rebuilt fro
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Union
 
@@ -250,6 +251,7 @@ class ChatSession:
             delta = self.format.new_turn_text(self._conversation(), text, self._encoded_text())
             ids = self.format.encode(delta)
             turn = TurnMetrics(prompt_tokens=len(ids))
+            started = time.perf_counter()
             watch = Stopwatch()
             user_index = len(self._messages)
             self._append_message({"role": "user", "content": text}, [], delta)
@@ -266,12 +268,13 @@ class ChatSession:
                 synchronize(cache.device)
                 turn.prefill_ms = watch.lap()
                 self._regen_point = self._checkpoint(self._regen_point, logits)
-                yield from self._generate(logits, sampling, turn)
+                yield from self._generate(logits, sampling, turn, started)
             except torch.OutOfMemoryError as error:
                 self._fail_out_of_memory(user_index, self._undo_point, error)
 
     def _regenerate(self, sampling: SamplingSettings) -> Iterator[Event]:
         with self._exclusive():
+            started = time.perf_counter()
             self._stop.clear()
             self._truncate(len(self._messages) - 1, self._regen_point)
             logits = self._regen_point.logits if self._is_current(self._regen_point) else None
@@ -281,11 +284,13 @@ class ChatSession:
             turn = TurnMetrics(prompt_tokens=len(self._segments[-1]))
             keep = len(self._messages)
             try:
-                yield from self._generate(logits.clone(), sampling, turn)
+                yield from self._generate(logits.clone(), sampling, turn, started)
             except torch.OutOfMemoryError as error:
                 self._fail_out_of_memory(keep, self._regen_point, error)
 
-    def _generate(self, logits: torch.Tensor, sampling: SamplingSettings, turn: TurnMetrics) -> Iterator[Event]:
+    def _generate(
+        self, logits: torch.Tensor, sampling: SamplingSettings, turn: TurnMetrics, started: float
+    ) -> Iterator[Event]:
         cache, device = self._cache, self._cache.device
         self._append_message({"role": "assistant", "content": ""}, [], "")
         generated: list[int] = []
@@ -294,6 +299,7 @@ class ChatSession:
         watch = Stopwatch()
         try:
             for index in range(sampling.max_new_tokens):
+                watch.lap()  # time the consumer spent between tokens is not model latency
                 token = sample_next(
                     logits, sampling, self._generator, cache.token_ids[:1], cache.token_index[:1] >= 0
                 )
@@ -307,7 +313,7 @@ class ChatSession:
                 turn.token_ms.append(latency)
                 self.metrics.record_token(latency)
                 if index == 0:
-                    turn.ttft_ms = turn.prefill_ms + latency
+                    turn.ttft_ms = (time.perf_counter() - started) * 1e3
                 visible = self.format.decode_visible(generated)
                 # Hold back a partial UTF-8 character until the next token completes it.
                 piece = "" if visible.endswith("\ufffd") else visible[len(shown):]

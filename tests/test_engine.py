@@ -210,3 +210,15 @@ def test_two_thousand_turns_at_constant_cache_memory(tokenizer):
     assert len(messages) == 4000
     assert [m["content"] for m in messages[0::2]] == [f"turn {t}" for t in range(2000)]
     assert chat.stats().conversation_tokens == len(chat.transcript)
+
+
+def test_time_the_consumer_spends_between_tokens_is_not_latency(tokenizer):
+    import time
+
+    chat = session(tokenizer, sampling=SamplingSettings(temperature=0, max_new_tokens=4))
+    latencies = []
+    for event in chat.send("hello"):
+        if isinstance(event, TokenEvent):
+            latencies.append(event.latency_ms)
+            time.sleep(0.2)  # a slow UI
+    assert latencies and max(latencies) < 150
