@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import gradio as gr
 
 from app_support.panel import PLOT_COLUMNS, latency_frame, metrics_markdown, read_metrics
-from app_support.sessions import GenerationSlots, SessionRegistry
+from app_support.sessions import GenerationSlots, SessionRegistry, trim_heap
 from app_support.streaming import EventPump
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
@@ -329,6 +329,7 @@ class ChatApp:
         finally:
             if pump.running:  # the page stopped listening mid-reply: end the turn, freeing the session
                 session.stop()
+            trim_heap()
         return None
 
 

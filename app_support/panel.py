@@ -77,5 +77,9 @@ def metrics_markdown(metrics: dict) -> str:
 
 
 def latency_frame(session: ChatSession) -> pd.DataFrame:
-    """Per-token latency over the whole conversation: (global token number, ms)."""
-    return pd.DataFrame(list(session.metrics.token_ms), columns=list(PLOT_COLUMNS))
+    """Per-token latency over the whole conversation: (global token number, ms).
+
+    Typed even when empty: the page picks the axes' scales from the first frame it gets.
+    """
+    frame = pd.DataFrame(list(session.metrics.token_ms), columns=list(PLOT_COLUMNS))
+    return frame.astype({PLOT_COLUMNS[0]: "int64", PLOT_COLUMNS[1]: "float64"})

@@ -84,6 +84,12 @@ def test_a_turn_streams_partial_updates_with_live_metrics(client, chat_app):
     assert len(outs[-1][4]["data"]) == 200
 
 
+def test_the_empty_plot_already_has_numeric_axes(client):
+    """The page fixes the plot's scales from its first frame: an untyped empty frame made them categorical."""
+    plot = client.predict(api_name="/open")[4]
+    assert plot["data"] == [] and plot["datatypes"] == {"token": "quantitative", "latency_ms": "quantitative"}
+
+
 def test_final_metrics_are_the_engines(client, chat_app):
     outs = turn(client, "How are you today?")
     numbers, table = outs[-1][5], outs[-1][3]
