@@ -14,15 +14,13 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Iterator, Mapping, Sequence
 
 import gradio as gr
 
 from app_support.panel import PLOT_COLUMNS, latency_frame, metrics_markdown, read_metrics
-from app_support.sessions import GenerationSlots, SessionRegistry, trim_heap
-from app_support.streaming import EventPump
+from app_support.sessions import GenerationSlots, SessionRegistry
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
 from lckv_stream.chat_format import ChatError, clean_message
@@ -123,8 +121,6 @@ class ChatApp:
             idle_seconds=config.idle_minutes * 60,
         )
         self.slots = GenerationSlots(config.max_generations)
-        # Engine turns run here (see EventPump); Gradio's queue already caps them at max_generations.
-        self.workers = ThreadPoolExecutor(config.max_generations, thread_name_prefix="lckv-turn")
 
     # ---- views --------------------------------------------------------------------------------
     def metrics(self, session: ChatSession) -> dict:
@@ -296,40 +292,36 @@ class ChatApp:
     def _stream(
         self, session: ChatSession, events, progress: gr.Progress, draft: str | None = None, label: str = ""
     ) -> Iterator[tuple]:
-        """Relay engine events as views, one per batch that arrived since the last update.
+        """Relay engine events as views; returns the TurnEnd, or None when the engine refused the turn.
 
-        Returns the TurnEnd, or None when the engine refused the turn. On a ChatError (busy, out of
-        memory) the engine has already dropped the turn; the user's message goes back into the box.
+        On a ChatError (busy, out of memory) the engine has already dropped the turn; the user's
+        message goes back into the box. If the page stops listening, closing `events` ends the turn.
         """
         reply = ""
         plotted = float("-inf")  # the first token redraws the plot
-        pump = EventPump(events, self.workers)
         try:
             with self.slots.hold():
-                for batch in pump.batches():
-                    reply += "".join(event.text for event in batch if isinstance(event, TokenEvent))
-                    last = batch[-1]
-                    if isinstance(last, PrefillProgress):
-                        progress((last.done, last.total), desc="Reading your message", unit="tokens")
-                        yield self.view(session, f"{label}Reading your message: {last.done:,} / {last.total:,} "
+                for event in events:
+                    if isinstance(event, PrefillProgress):
+                        progress((event.done, event.total), desc="Reading your message", unit="tokens")
+                        yield self.view(session, f"{label}Reading your message: {event.done:,} / {event.total:,} "
                                                  "tokens (the cache keeps the pinned start and the latest window).",
                                                  chat=False, plot=False)
-                    elif isinstance(last, TokenEvent):
+                    elif isinstance(event, TokenEvent):
+                        reply += event.text
                         replot = time.monotonic() - plotted >= PLOT_EVERY_S
                         plotted = time.monotonic() if replot else plotted
-                        yield self.view(session, f"{label}Streaming… {last.index + 1} tokens", reply=reply, plot=replot)
-                    elif isinstance(last, TurnEnd):
-                        lost = last.reason == "stopped_while_reading"
-                        note = f"{label}Done: {last.metrics.new_tokens} tokens, {END_NOTES[last.reason]}."
+                        yield self.view(session, f"{label}Streaming… {event.index + 1} tokens", reply=reply, plot=replot)
+                    elif isinstance(event, TurnEnd):
+                        lost = event.reason == "stopped_while_reading"
+                        note = f"{label}Done: {event.metrics.new_tokens} tokens, {END_NOTES[event.reason]}."
                         yield self.view(session, note, draft=draft if lost else None)
-                        return last
+                        return event
         except ChatError as error:
             gr.Warning(str(error))
             yield self.view(session, f"⚠️ {error}", draft=draft)
         finally:
-            if pump.running:  # the page stopped listening mid-reply: end the turn, freeing the session
-                session.stop()
-            trim_heap()
+            events.close()
         return None
 
 

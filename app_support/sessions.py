@@ -7,8 +7,6 @@ only referenced from here.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import threading
 import time
@@ -149,27 +147,6 @@ class GenerationSlots:
 def _release_memory() -> None:
     """Collect the dropped sessions now and hand cached GPU blocks back to the driver."""
     gc.collect()
-    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _load_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    Turns run on several threads, and glibc keeps what each thread's arena freed for reuse; over
-    hundreds of turns that shows up as a slowly growing process. The cache itself never grows.
-    """
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
