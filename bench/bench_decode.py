@@ -4,10 +4,12 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
   (a) transformers eager, DynamicCache (dense)
   (b) transformers StaticCache, decode step captured by hand in a CUDA graph (dense)
   (c) ours, eager, sink + window cache, the default model's layer map
-  (d) ours, CUDA graph (the engine's decoder), same map; (d*) same with the LCKV 1+1 warmup map
+  (d) ours, CUDA graph, same map
+  (e) ours, compiled (TorchInductor) then captured in a CUDA graph: the engine's decoder on a GPU;
+      (e*) the same with the LCKV 1+1 warmup map (3 KV layers)
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
 context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens.
-Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b) and (d).
+Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
 
     python bench/bench_decode.py --out bench/results/decode
 """
@@ -132,15 +134,18 @@ def fill(model, cache, length: int, chunk: int = 4096) -> None:
 
 
 @torch.inference_mode()
-def ours(model, length: int, steps: int, graph: bool, batch: int = 1) -> dict:
+def ours(model, length: int, steps: int, graph: bool, batch: int = 1, compile: bool = False) -> dict:
     torch.cuda.reset_peak_memory_stats()
     cache = model.new_cache(SINK, WINDOW, batch_size=batch)
     fill(model, cache, length)
-    decoder = GraphDecoder(model, cache) if graph else EagerDecoder(model, cache)
+    began = time.perf_counter()
+    decoder = GraphDecoder(model, cache, compile=compile) if graph else EagerDecoder(model, cache)
+    setup_s = time.perf_counter() - began
     token = random_ids(batch, 1)
     ms = timed_ms(lambda: decoder.step(token), steps)
     return {"ms_per_token": ms, "kv_mb": cache.allocated_bytes / 2**20,
-            "peak_mb": torch.cuda.max_memory_allocated() / 2**20, "seen": cache.tokens_seen()}
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20, "seen": cache.tokens_seen(),
+            "decoder_setup_s": setup_s}
 
 
 @torch.inference_mode()
@@ -179,28 +184,32 @@ def ttft_ours(model):
     return ttft(prepare)
 
 
-VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "d_ours_graph_lckv_w2")
+VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "e_ours_compiled_graph",
+            "e_ours_compiled_graph_lckv_w2")
+BATCHES = (1, 8, 32, 64)
 
 
-def run_variant(name: str, steps: int) -> dict:
+def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, ...]) -> dict:
     """Latency rows (and batch throughput / TTFT where the variant has them) of one variant."""
     torch.manual_seed(0)
     dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
     model = {
         "c_ours_eager": lambda: convert_llama(dense, cla_map(30, 2)),
         "d_ours_graph": lambda: convert_llama(dense, cla_map(30, 2)),
-        "d_ours_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
+        "e_ours_compiled_graph": lambda: convert_llama(dense, cla_map(30, 2)),
+        "e_ours_compiled_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
     }.get(name, lambda: dense)().eval()
     measure = {
         "a_hf_eager": lambda n, b: hf_eager(model, n, 50),
         "b_hf_static_graph": lambda n, b: hf_graph(model, n, steps, batch=b),
         "c_ours_eager": lambda n, b: ours(model, n, 50, graph=False),
         "d_ours_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b),
-        "d_ours_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True),
+        "e_ours_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
+        "e_ours_compiled_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True, compile=True),
     }[name]
     result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "cache": {"sink": SINK, "window": WINDOW}, "latency": {}}
-    for length in LENGTHS:
+    for length in lengths:
         if name.startswith(("a_", "b_")) and length > TRAINED_CONTEXT:
             result["latency"][str(length)] = None  # past the trained context: dense baselines stop
             continue
@@ -211,9 +220,9 @@ def run_variant(name: str, steps: int) -> dict:
         result["ttft_ms"] = ttft_hf(model)
     if name == "c_ours_eager":
         result["ttft_ms"] = ttft_ours(model)
-    if name in ("b_hf_static_graph", "d_ours_graph"):
+    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph"):
         result["batch"] = {}
-        for batch in (1, 8, 32, 64):
+        for batch in batches:
             row = measure(1024, batch)
             row["tokens_per_s"] = batch * 1e3 / row["ms_per_token"]
             result["batch"][str(batch)] = row
@@ -225,20 +234,25 @@ def run_variant(name: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for one JSON file per variant")
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant (default: each in its own process)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to run, each in its own process")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one, in this process
+    parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.variant:
-        result = run_variant(args.variant, args.steps)
+        result = run_variant(args.variant, args.steps, args.lengths, tuple(args.batches))
         (args.out / f"{args.variant}.json").write_text(json.dumps(result, indent=1))
         return
     # One process per variant: a failing kernel in one (a device-side assert) cannot spoil the others.
     import subprocess
 
-    for name in VARIANTS:
+    for name in args.variants:
         done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--variant", name,
-                               "--steps", str(args.steps)])
+                               "--steps", str(args.steps), "--lengths", *map(str, args.lengths),
+                               "--batches", *map(str, args.batches)])
         if done.returncode:
             (args.out / f"{name}.json").write_text(json.dumps({"variant": name, "error": done.returncode}))
 

@@ -115,10 +115,11 @@ class ForwardContext:
             return
         positions = torch.arange(cache.sink, device=shift.device) + shift.unsqueeze(1)  # [batch, sink]
         cos, sin = self.rope(positions, self.dtype)
-        p, b, h, s, d = cache.sink_keys.shape
-        raw = cache.sink_keys.transpose(0, 1).reshape(b, p * h, s, d)
+        stacked = torch.stack(cache.sink_keys)  # [producers, batch, kv_heads, sink, dim]
+        p, b, h, s, d = stacked.shape
+        raw = stacked.transpose(0, 1).reshape(b, p * h, s, d)
         rotated = apply_rope(raw, cos, sin).reshape(b, p, h, s, d).transpose(0, 1)
-        cache.keys[:, :, :, : cache.sink] = rotated
+        cache.write_rotated_sinks(rotated)
 
     # ---- producers' KV ------------------------------------------------------------------------
     def produce(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -173,7 +174,9 @@ class ForwardContext:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
         mask, has_key = self._mask(no_diagonal, sliding)
         folded = _fold_heads(rotated, self.groups)
-        if self.sink_query_cos is None:
+        if self.slot is not None and torch.compiler.is_compiling():
+            out = _decode_attention(folded, kv.keys, kv.values, mask)
+        elif self.sink_query_cos is None:
             out = F.scaled_dot_product_attention(folded, kv.keys, kv.values, attn_mask=mask)
         else:
             sink_query = _fold_heads(apply_rope(query, self.sink_query_cos, self.sink_query_sin), self.groups)
@@ -227,6 +230,44 @@ class ForwardContext:
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
         return torch.matmul(probs, kv.values)
+
+
+DECODE_SPLIT = 64  # cache slots per partial softmax in the compiled decode attention
+
+
+def _decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One token's attention over the whole cache, split across the slots (flash-decoding style).
+
+    A decode step has only (batch x kv heads x query heads per KV head) query rows; a kernel per row
+    would leave the GPU idle. So the slots are cut in blocks of DECODE_SPLIT: each block gets its own
+    softmax statistics, and the blocks are combined at the end. Written as broadcasts and sums, which
+    the compiler turns into a few wide, fused reduction kernels.
+    query [b, kvh, rows, d]; keys, values [b, kvh, slots, d]; mask [b, 1, rows, slots].
+    """
+    b, kvh, rows, d = query.shape
+    slots = keys.shape[2]
+    pad = -slots % DECODE_SPLIT
+    if pad:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad), value=False)
+    blocks = (slots + pad) // DECODE_SPLIT
+    keys = keys.view(b, kvh, blocks, 1, DECODE_SPLIT, d).float()
+    values = values.view(b, kvh, blocks, 1, DECODE_SPLIT, d).float()
+    mask = mask.view(b, 1, rows, blocks, DECODE_SPLIT).transpose(2, 3)  # [b, 1, blocks, rows, split]
+    q = query.float().view(b, kvh, 1, rows, 1, d)
+    scores = (q * keys).sum(-1) * d**-0.5  # [b, kvh, blocks, rows, split]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # A block with no visible slot gets a finite max, so that it contributes exp(-inf) = 0, not NaN.
+    block_max = scores.amax(-1, keepdim=True).clamp(min=-1e30)
+    weights = torch.exp(scores - block_max)
+    block_sum = weights.sum(-1, keepdim=True)
+    block_out = (weights.unsqueeze(-1) * values).sum(-2)  # [b, kvh, blocks, rows, d]
+    top = block_max.amax(2, keepdim=True)
+    scale = torch.exp(block_max - top)
+    out = (block_out * scale).sum(2) / (block_sum * scale).sum(2)  # rows with no key: NaN, zeroed later
+    return out.to(query.dtype)
 
 
 def _fold_heads(query: torch.Tensor, groups: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The condensed attention-sink + sliding-window KV cache (StreamingLLM over LCKV).
 
-Only the KV-producing layers are stored, in fixed-size buffers: `sink` first tokens plus a ring of the
-`window` most recent ones. Window keys are stored rotated (RoPE) at their absolute stream index: what
+Only the KV-producing layers are stored, in fixed-size buffers (one per producer layer): `sink` first
+tokens plus a ring of the `window` most recent ones. Window keys are stored rotated (RoPE) at their absolute stream index: what
 attention needs is the distance between query and key, which eviction never changes for them. Sink
 keys are also kept un-rotated, because their distance to the query shrinks as the cache shifts; the
 model re-rotates those few before each call.
@@ -73,14 +73,22 @@ class SinkWindowCache:
         self.window = int(window)
         self.capacity = self.sink + self.window
         self.batch_size = batch_size
-        shape = (len(self.producers), batch_size, num_kv_heads, self.capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.sink_keys = torch.zeros(shape[:3] + (self.sink, head_dim), dtype=dtype, device=device)
+        # One buffer per producer layer: a compiled decode step then writes each in place; slices of
+        # one stacked buffer would make it copy the whole stack at every write.
+        shape = (batch_size, num_kv_heads, self.capacity, head_dim)
+        sink_shape = (batch_size, num_kv_heads, self.sink, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.producers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.producers]
+        self.sink_keys = [torch.zeros(sink_shape, dtype=dtype, device=device) for _ in self.producers]
         self.token_index = torch.full((batch_size, self.capacity), EMPTY, dtype=torch.long, device=device)
         self.token_ids = torch.zeros((batch_size, self.capacity), dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._row = {layer: i for i, layer in enumerate(self.producers)}
+        # Index tensors for writes: every write indexes a whole buffer (never a view of it), which
+        # lets a compiled step update the buffers in place instead of copying them.
+        self._batch_rows = torch.arange(batch_size, device=device).view(-1, 1)
+        self._heads = torch.arange(num_kv_heads, device=device).view(1, -1)
+        self._sink_slots = torch.arange(self.sink, device=device)
 
     @classmethod
     def for_model(
@@ -108,11 +116,11 @@ class SinkWindowCache:
     # ---- layout -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self.token_index.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.keys.dtype
+        return self.keys[0].dtype
 
     def row(self, layer: int) -> int:
         """Index of a producer layer in the stacked buffers."""
@@ -145,17 +153,22 @@ class SinkWindowCache:
     def write_token(self, layer: int, slot: torch.Tensor, keys: torch.Tensor, raw_keys: torch.Tensor,
                     values: torch.Tensor) -> None:
         """Store one token's KV [batch, kv_heads, 1, dim] of a producer layer at `slot` [batch]."""
-        b, h, _, d = keys.shape
-        index = slot.view(b, 1, 1, 1).expand(b, h, 1, d)
         row = self._row[layer]
-        self.keys[row].scatter_(2, index, keys)
-        self.values[row].scatter_(2, index, values)
+        at = (self._batch_rows, self._heads, slot.view(-1, 1))
+        self.keys[row].index_put_(at, keys[:, :, 0])
+        self.values[row].index_put_(at, values[:, :, 0])
         if self.sink:
             # Only a sink's raw key is kept; other tokens land in a clamped slot that is never read.
-            sink_index = index.clamp(max=self.sink - 1)
-            current = self.sink_keys[row].gather(2, sink_index)
-            is_sink = (slot < self.sink).view(b, 1, 1, 1)
-            self.sink_keys[row].scatter_(2, sink_index, torch.where(is_sink, raw_keys, current))
+            sink_keys = self.sink_keys[row]
+            at_sink = (self._batch_rows, self._heads, slot.clamp(max=self.sink - 1).view(-1, 1))
+            is_sink = (slot < self.sink).view(-1, 1, 1)
+            sink_keys.index_put_(at_sink, torch.where(is_sink, raw_keys[:, :, 0], sink_keys[at_sink]))
+
+    def write_rotated_sinks(self, rotated: torch.Tensor) -> None:
+        """Overwrite the sink slots' keys with `rotated` [producers, batch, kv_heads, sink, dim]."""
+        at = (self._batch_rows.view(-1, 1, 1), self._heads.view(1, -1, 1), self._sink_slots.view(1, 1, -1))
+        for keys, rotated_keys in zip(self.keys, rotated):
+            keys.index_put_(at, rotated_keys)
 
     def finish_token(self) -> None:
         self.seen += 1
@@ -173,24 +186,22 @@ class SinkWindowCache:
             offsets = keep.nonzero().squeeze(1)
             kept = index[offsets]
             slots = self.slot_of(kept)
-            self.keys[:, row, :, slots] = keys[:, row, :, offsets]
-            self.values[:, row, :, slots] = values[:, row, :, offsets]
+            sinks = kept < self.sink
+            has_sinks = bool(sinks.any())
+            for layer in range(len(self.producers)):
+                self.keys[layer][row, :, slots] = keys[layer, row, :, offsets]
+                self.values[layer][row, :, slots] = values[layer, row, :, offsets]
+                if has_sinks:
+                    self.sink_keys[layer][row, :, kept[sinks]] = raw_keys[layer, row, :, offsets[sinks]]
             self.token_index[row, slots] = kept
             self.token_ids[row, slots] = token_ids[row, offsets]
-            sinks = kept < self.sink
-            if bool(sinks.any()):
-                self.sink_keys[:, row, :, kept[sinks]] = raw_keys[:, row, :, offsets[sinks]]
         self.seen += steps
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything, keeping the buffers."""
-        self.keys.zero_()
-        self.values.zero_()
-        self.sink_keys.zero_()
-        self.token_index.fill_(EMPTY)
-        self.token_ids.zero_()
-        self.seen.zero_()
+        for name, buffer in self._state():
+            buffer.fill_(EMPTY if name == "token_index" else 0)
 
     def snapshot(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """A copy of the state, to restore later (undo/regenerate) in O(cache size).
@@ -198,22 +209,33 @@ class SinkWindowCache:
         Pass an earlier snapshot as `into` to reuse its buffers instead of allocating new ones.
         """
         if into is None:
-            return {name: getattr(self, name).clone() for name in _STATE}
-        for name in _STATE:
-            into[name].copy_(getattr(self, name))
+            return {name: buffer.clone() for name, buffer in self._state()}
+        for name, buffer in self._state():
+            into[name].copy_(buffer)
         return into
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         """Copy a snapshot back into the existing buffers (no reallocation)."""
+        for name, buffer in self._state():
+            buffer.copy_(snapshot[name])
+
+    def _state(self) -> list[tuple[str, torch.Tensor]]:
+        """Every buffer of the state, named (per-layer buffers as keys.0, keys.1, ...)."""
+        named = []
         for name in _STATE:
-            getattr(self, name).copy_(snapshot[name])
+            value = getattr(self, name)
+            if isinstance(value, list):
+                named.extend((f"{name}.{i}", buffer) for i, buffer in enumerate(value))
+            else:
+                named.append((name, value))
+        return named
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
     def bytes_per_token(self) -> int:
         """KV bytes one token costs here: producers x 2 x kv_heads x head_dim x element size."""
-        p, _, h, _, d = self.keys.shape
-        return p * 2 * h * d * self.keys.element_size()
+        _, h, _, d = self.keys[0].shape
+        return len(self.keys) * 2 * h * d * self.keys[0].element_size()
 
     @property
     def dense_bytes_per_token(self) -> int:
@@ -232,7 +254,7 @@ class SinkWindowCache:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _STATE)
+        return sum(buffer.numel() * buffer.element_size() for _, buffer in self._state())
 
     def stats(self, row: int = 0) -> CacheStats:
         seen = self.tokens_seen(row)

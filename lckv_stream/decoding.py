@@ -7,6 +7,7 @@ no host synchronization, so every step has the same shapes and addresses.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -35,27 +36,34 @@ class EagerDecoder:
 
 
 class GraphDecoder(EagerDecoder):
-    """The one-token step captured in a CUDA graph; prefill stays eager (its shapes vary)."""
+    """The one-token step captured in a CUDA graph; prefill stays eager (its shapes vary).
 
-    name = "cuda-graph"
+    With `compile=True` the step is first compiled (TorchInductor fuses the small elementwise and
+    reduction kernels of every layer), then captured: the graph replays the fused kernels.
+    """
 
-    def __init__(self, model, cache: SinkWindowCache, warmup: int = 3) -> None:
+    def __init__(self, model, cache: SinkWindowCache, warmup: int = 3, compile: bool = False) -> None:
         super().__init__(model, cache)
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
+        self.name = "cuda-graph + compile" if compile else "cuda-graph"
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
+        step = torch.compile(self._run, fullgraph=True, dynamic=False) if compile else self._run
+        self._compiled = step  # the step without the graph (profiling)
         saved = cache.snapshot()  # warm-up and capture run real steps: put the state back afterwards
-        with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run()
-            torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._logits = self._run()
-        cache.restore(saved)
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(warmup):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph):
+                    self._logits = step()
+        finally:
+            cache.restore(saved)
 
     def _run(self) -> torch.Tensor:
         return self.model(self._tokens, self.cache, logits_to_keep=1).logits[:, -1]
@@ -67,16 +75,30 @@ class GraphDecoder(EagerDecoder):
         return self._logits
 
 
-def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True):
-    """A CUDA-graph decoder where possible, else eager (on CPU, or if capture fails)."""
-    if prefer_graph and cache.device.type == "cuda":
+def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compile: bool | None = None):
+    """The fastest decoder that works here: compiled + CUDA graph, CUDA graph, or eager (CPU).
+
+    Compiling takes about a minute per cache shape on first use (then it is cached on disk);
+    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off). Its `name` says which decoder
+    it is, and why a faster one was not used.
+    """
+    if compile is None:
+        compile = os.environ.get("LCKV_COMPILE", "1") != "0"
+    if not (prefer_graph and cache.device.type == "cuda"):
+        return EagerDecoder(model, cache)
+    failures = []
+    for compiled in (True, False) if compile else (False,):
         try:
-            return GraphDecoder(model, cache)
-        except RuntimeError as error:  # capture is not supported here: eager works everywhere
-            decoder = EagerDecoder(model, cache)
-            decoder.name = f"eager (graph capture failed: {str(error)[:80]})"
-            return decoder
-    return EagerDecoder(model, cache)
+            decoder = GraphDecoder(model, cache, compile=compiled)
+        except Exception as error:  # compilers and capture fail in many ways; a slower path still works
+            failures.append(f"{'compile' if compiled else 'graph capture'} failed: {str(error)[:80]}")
+            continue
+        if failures:
+            decoder.name += f" ({failures[0]})"
+        return decoder
+    decoder = EagerDecoder(model, cache)
+    decoder.name = f"eager ({'; '.join(failures)})"
+    return decoder
 
 
 def prefill_in_chunks(

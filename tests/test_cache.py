@@ -42,13 +42,13 @@ def test_a_cache_larger_than_the_text_equals_the_unbounded_forward(layer_types):
 def test_streaming_never_reallocates_and_keeps_its_size():
     model = tiny_model(lckv_map(4))
     cache = model.new_cache(sink=2, window=8)
-    pointers = [t.data_ptr() for t in (cache.keys, cache.values, cache.token_index)]
+    pointers = [t.data_ptr() for t in (*cache.keys, *cache.values, cache.token_index)]
     allocated = cache.allocated_bytes
     with torch.no_grad():
         model(torch.randint(0, 300, (1, 30)), cache)
         for _ in range(40):
             model(torch.randint(0, 300, (1, 1)), cache)
-    assert [t.data_ptr() for t in (cache.keys, cache.values, cache.token_index)] == pointers
+    assert [t.data_ptr() for t in (*cache.keys, *cache.values, cache.token_index)] == pointers
     assert cache.allocated_bytes == allocated
     stats = cache.stats()
     assert (stats.tokens_seen, stats.tokens_held) == (70, 10)

@@ -41,7 +41,34 @@ def test_graph_replay_matches_eager_for_500_greedy_steps(layer_types):
     assert (graph_logits - eager_logits).abs().max() <= 2e-2 * scale
 
 
-def test_engine_uses_the_graph_on_cuda():
+def test_compiled_step_follows_the_eager_logits_for_500_steps():
+    """The compiled step computes attention in float32 where eager SDPA rounds differently, so with
+    random weights (near-tied logits) free-running greedy paths may part. Both decoders therefore
+    follow the eager greedy path: logits must agree within bf16 tolerance at every step, and so must
+    the argmax wherever the eager margin exceeds twice that tolerance."""
     model = smollm_shaped(cla_map(30, 2))
-    decoder = make_decoder(model, model.new_cache(4, 64))
-    assert decoder.name == "cuda-graph"
+    prompt = torch.randint(0, 49152, (1, 40), device="cuda")
+    eager = EagerDecoder(model, model.new_cache(sink=4, window=252))
+    compiled = GraphDecoder(model, model.new_cache(sink=4, window=252), compile=True)
+    eager_logits, compiled_logits = eager.prefill(prompt).float(), compiled.prefill(prompt).float()
+    worst, decided, agreed = 0.0, 0, 0
+    for _ in range(500):
+        token = eager_logits.argmax(-1)
+        eager_logits = eager.step(token).float().clone()
+        compiled_logits = compiled.step(token).float().clone()
+        tolerance = 2e-2 * eager_logits.abs().max()
+        worst = max(worst, float((compiled_logits - eager_logits).abs().max() / tolerance))
+        top = eager_logits.topk(2).values[0]
+        if top[0] - top[1] > 2 * tolerance:
+            decided += 1
+            agreed += int(compiled_logits.argmax(-1) == eager_logits.argmax(-1))
+    print(f"worst logit gap {worst:.3f} of the tolerance; argmax agreed on {agreed} of {decided} clear steps")
+    assert worst <= 1.0
+    assert agreed == decided
+    assert eager.cache.held_indices() == compiled.cache.held_indices()
+
+
+def test_engine_uses_the_compiled_graph_on_cuda():
+    model = smollm_shaped(cla_map(30, 2))
+    decoder = make_decoder(model, model.new_cache(4, 252))  # the shapes compiled above: a cache hit
+    assert decoder.name == "cuda-graph + compile"

@@ -1,0 +1,55 @@
+"""Where the time of one decode step goes: CUDA kernels of the (compiled) step, by total time (GPU).
+
+    python bench/profile_step.py [--layer-map cla2|lckv2] [--batch 1] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from lckv_stream import cla_map, lckv_map  # noqa: E402
+from lckv_stream.convert import convert_llama  # noqa: E402
+from lckv_stream.decoding import GraphDecoder  # noqa: E402
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layer-map", choices=("cla2", "lckv2"), default="cla2")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
+    layer_map = cla_map(30, 2) if args.layer_map == "cla2" else lckv_map(30, 1, 1)
+    model = convert_llama(dense, layer_map).eval()
+    cache = model.new_cache(SINK, WINDOW, batch_size=args.batch)
+    fill(model, cache, 1024)
+    decoder = GraphDecoder(model, cache, compile=not args.no_compile)
+    step = decoder._compiled
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events) / 10
+    launches = sum(e.count for e in events) / 10
+    print(f"{args.layer_map} batch {args.batch}: {launches:.0f} kernels, {total_us:.0f} us of kernel time per step")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

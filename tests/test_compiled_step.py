@@ -1,0 +1,43 @@
+"""The decode step as the compiler sees it (on CPU, through `aot_eager`): it takes the compiled-only
+attention path, which must give the same logits and the same cache as the eager step."""
+
+import pytest
+import torch
+
+from tiny import tiny_model
+from lckv_stream import cla_map, lckv_map
+
+
+@pytest.mark.parametrize("layer_types", [lckv_map(4, 1, 1), cla_map(4, 2), None], ids=["lckv", "cla", "llama"])
+def test_compiled_decode_step_matches_eager_past_the_cache_bound(layer_types):
+    model = tiny_model(layer_types)
+    eager_cache, compiled_cache = model.new_cache(2, 70), model.new_cache(2, 70)  # 72 slots: a padded block
+    compiled = torch.compile(
+        lambda token: model(token, compiled_cache, logits_to_keep=1).logits[:, -1], backend="aot_eager",
+        fullgraph=True,
+    )
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        prompt = torch.randint(0, 300, (1, 5))
+        model(prompt, eager_cache)
+        model(prompt, compiled_cache)
+        for _ in range(100):  # wraps the ring
+            token = torch.randint(0, 300, (1, 1))
+            expected = model(token, eager_cache, logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(compiled(token), expected, rtol=1e-5, atol=1e-5)
+    assert compiled_cache.held_indices() == eager_cache.held_indices() == [0, 1] + list(range(35, 105))
+    for got, want in zip(compiled_cache.keys + compiled_cache.values, eager_cache.keys + eager_cache.values):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_of_the_first_token_without_keys_is_finite():
+    """A reader of a layer above has nothing to see at the very first token: zeros, not NaN."""
+    model = tiny_model(lckv_map(4, 1, 1))
+    cache = model.new_cache(0, 8)
+    compiled = torch.compile(lambda token: model(token, cache, logits_to_keep=1).logits[:, -1],
+                             backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        reference = model(torch.tensor([[7]]), model.new_cache(0, 8), logits_to_keep=1).logits[:, -1]
+        logits = compiled(torch.tensor([[7]]))
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
