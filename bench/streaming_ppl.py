@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, args.device, progress=lambda _: None)
@@ -84,9 +85,12 @@ def main() -> None:
         text = handle.read()
     ids = torch.tensor(tokenizer(text[: args.tokens * 8], add_special_tokens=False)["input_ids"][: args.tokens],
                        device=model.device)
-    results = {"title": f"{args.model} model, {len(ids):,} tokens of {args.text.name}", "runs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, (sink, window) in RUNS.items():
+    saved = args.out / "streaming_ppl.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}  # runs may be added later
+    results["title"] = f"{args.model} model, {args.text.name}"
+    for name in args.runs:
+        sink, window = RUNS[name]
         began = time.time()
         length = min(len(ids), sink + window) if name == "dense" else len(ids)
         nll = token_nll(model, ids[:length], sink, window, args.chunk)
@@ -94,7 +98,7 @@ def main() -> None:
         results["runs"][name] = {"label": label, "sink": sink, "window": window, "tokens": length,
                                  "ppl": math.exp(nll.mean().item()), "segments": segment_ppl(nll)}
         print(name, f"ppl {results['runs'][name]['ppl']:.2f}", f"{time.time() - began:.0f}s", flush=True)
-        (args.out / "streaming_ppl.json").write_text(json.dumps(results, indent=1))
+        saved.write_text(json.dumps(results, indent=1))
     plot(results, args.out / "streaming_ppl.png")
 
 
