@@ -1,8 +1,8 @@
-"""A tiny random LCKV model with a byte-level BPE trained on the spot: the app runs it offline in seconds.
+"""Tiny random LCKV models with a byte-level BPE trained on the spot: they build offline in about a second.
 
-`LCKV_MODEL=tiny-random` selects it, so the app's own tests exercise the real UI and engine on CPU
-without the default model. Its replies are random text; everything else (cache, metrics) is real.
-Copied from tests/tiny.py so the app does not import from the test folder.
+`LCKV_MODEL=tiny-random` runs the app on `tiny_random_model()`, so the app's tests exercise the real
+UI and engine on CPU without the default model (its replies are random text; the cache and metrics
+are real). The library's tests build their models here too, with `tiny_model(layer_types, ...)`.
 """
 
 from __future__ import annotations
@@ -39,13 +39,27 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_random_model(device: str = "cpu", seed: int = 0) -> tuple[LCKVLlamaForCausalLM, PreTrainedTokenizerFast]:
-    """(model, tokenizer): 4 layers, 2 of them storing KV (the same CLA map shape as the default model)."""
-    tokenizer = tiny_tokenizer()
-    config = LCKVLlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+def tiny_config(
+    layer_types: str | None = None, num_layers: int = 4, vocab_size: int = 300, **overrides
+) -> LCKVLlamaConfig:
+    """A 64-wide Llama shape with `layer_types` as the KV map (None: every layer stores its own KV)."""
+    values = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        layer_types=cla_map(4), tie_word_embeddings=False,
+        layer_types=layer_types, tie_word_embeddings=False,
     )
+    values.update(overrides)
+    return LCKVLlamaConfig(**values)
+
+
+def tiny_model(layer_types: str | None = None, seed: int = 0, **overrides) -> LCKVLlamaForCausalLM:
+    """Random weights drawn from `seed`, in eval mode; `overrides` go to `tiny_config`."""
     torch.manual_seed(seed)
-    return LCKVLlamaForCausalLM(config).to(device).eval(), tokenizer
+    return LCKVLlamaForCausalLM(tiny_config(layer_types, **overrides)).eval()
+
+
+def tiny_random_model(device: str = "cpu", seed: int = 0) -> tuple[LCKVLlamaForCausalLM, PreTrainedTokenizerFast]:
+    """(model, tokenizer) the app serves as 'tiny-random': 4 layers, 2 storing KV (the default model's CLA shape)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(cla_map(4), seed=seed, vocab_size=len(tokenizer))
+    return model.to(device), tokenizer

@@ -4,9 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).resolve().parent
+# The repository root (app.py, app_support/) and this folder (served_app.py) import as top-level modules,
+# with `pytest` as with `python -m pytest`.
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
-from tiny import tiny_tokenizer  # noqa: E402
+from app_support.tiny import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

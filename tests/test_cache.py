@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from app_support.tiny import tiny_model
 from lckv_stream import SinkWindowCache, cla_map, lckv_map
 from reference import streaming_logits
-from tiny import tiny_model
 
 MAPS = [None, lckv_map(4), cla_map(4, 2), "1_2s_3_3"]
 

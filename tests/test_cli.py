@@ -1,7 +1,7 @@
+from app_support.tiny import tiny_model
 from lckv_stream.cli import footer, main
 from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
-from tiny import tiny_model
 
 
 def test_unknown_model_path_is_a_clear_error(capsys):

@@ -4,7 +4,7 @@ attention path, which must give the same logits and the same cache as the eager 
 import pytest
 import torch
 
-from tiny import tiny_model
+from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
 
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
 from lckv_stream.delta import DeltaError, apply_delta, read_delta, save_delta
-from tiny import tiny_model
 
 BASE = {"name": "base.gguf", "sha256": "ab" * 32}
 

@@ -3,12 +3,12 @@ import threading
 import pytest
 import torch
 
+from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
 from lckv_stream.chat_format import ChatError
 from lckv_stream.engine import CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
 from lckv_stream.metrics import process_rss_mb
 from lckv_stream.sampling import SamplingSettings
-from tiny import tiny_model
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from app_support.tiny import tiny_config, tiny_model
 from lckv_stream import LCKVLlamaForCausalLM, cla_map, lckv_map
-from tiny import tiny_config, tiny_model
 
 
 def _llama_twin(model: LCKVLlamaForCausalLM) -> LlamaForCausalLM:
