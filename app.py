@@ -11,6 +11,7 @@ LCKV_MAX_NEW_TOKENS; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as usual (default 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -121,6 +122,7 @@ class ChatApp:
             idle_seconds=config.idle_minutes * 60,
         )
         self.slots = GenerationSlots(config.max_generations)
+        self._drafts = itertools.count()
 
     # ---- views --------------------------------------------------------------------------------
     def metrics(self, session: ChatSession) -> dict:
@@ -128,25 +130,25 @@ class ChatApp:
 
     def view(
         self, session: ChatSession, status: str, reply: str | None = None, draft: str | None = None,
-        chat: bool = True, plot: bool = True,
+        plot: bool = True,
     ) -> tuple:
-        """(chat, message box, status, metrics table, latency plot, raw metrics).
+        """(chat, draft to put back, status, metrics table, latency plot, raw metrics).
 
         `reply` is the partial reply while it streams (the engine fills the message at the end);
-        `draft` puts text back in the message box, e.g. after an error. `chat=False` / `plot=False`
-        leave those as shown: Gradio walks every value it sends, so a long chat or a long latency
-        history costs time on each update.
+        `draft` is a message the engine did not keep, e.g. after an error: `restore_draft` puts it back
+        in the message box. `plot=False` leaves the plot as shown: Gradio walks every value it sends,
+        so a long latency history costs time on each update.
         """
         messages = session.messages
         if reply is not None:
             messages[-1]["content"] = reply
         numbers = self.metrics(session)
         return (
-            messages if chat else gr.skip(),
-            gr.skip() if draft is None else draft,
+            messages,  # never skipped, so it can stay a plain value (see as_update)
+            gr.skip() if draft is None else (next(self._drafts), draft),  # numbered: each one is a change
             status,
             metrics_markdown(numbers),
-            latency_frame(session) if plot else gr.skip(),
+            as_update(latency_frame(session)) if plot else gr.skip(),
             numbers,
         )
 
@@ -160,15 +162,21 @@ class ChatApp:
         """Tab closed: free the session at once."""
         self.registry.drop(request.session_hash)
 
+    def restore_draft(self, draft: tuple[int, str] | None) -> str:
+        """Put a message the engine did not keep back in the message box (the page calls it when one is set)."""
+        if draft is None:
+            raise gr.Error("there is no message to put back")
+        return draft[1]
+
     def configure(self, system_prompt: str, sink: int, window: int, request: gr.Request) -> str:
-        """Apply settings to the next turn; the status says what the engine will change."""
+        """Apply settings to the next turn; the note under the settings says what the engine will change."""
         session, _ = self.registry.get(request.session_hash)
         try:
             change = self._configure(session, system_prompt, sink, window)
         except ValueError as error:
             gr.Warning(str(error))
             return f"⚠️ Settings not applied: {error}"
-        return gr.skip() if change == NOTHING_CHANGED else f"Settings: {change}."
+        return "Settings unchanged." if change == NOTHING_CHANGED else f"Settings: {change}."
 
     def send(
         self, message: str, history: list, system_prompt: str, sink: int, window: int, request: gr.Request
@@ -259,9 +267,14 @@ class ChatApp:
                                  f" → {after['conversation_tokens']:,} tokens; KV cache {before['cache_mb']:.2f} → "
                                  f"{after['cache_mb']:.2f} MB.")
 
-    def stop(self, request: gr.Request) -> str:
-        self.registry.stop(request.session_hash)
-        return "Stopping after the current token…"
+    def stop(self, request: gr.Request) -> None:
+        """Stop this session's reply after the current token (or prompt chunk); its own last update says so.
+
+        A toast, not the status line: this event can finish after the reply's final update and would
+        then cover it.
+        """
+        if self.registry.stop(request.session_hash):
+            gr.Info("Stopping after the current token…")
 
     def undo(self, request: gr.Request) -> tuple:
         return self._edit(request, "undo", "Removed the last message and its reply.")
@@ -306,7 +319,7 @@ class ChatApp:
                         progress((event.done, event.total), desc="Reading your message", unit="tokens")
                         yield self.view(session, f"{label}Reading your message: {event.done:,} / {event.total:,} "
                                                  "tokens (the cache keeps the pinned start and the latest window).",
-                                                 chat=False, plot=False)
+                                                 plot=False)
                     elif isinstance(event, TokenEvent):
                         reply += event.text
                         replot = time.monotonic() - plotted >= PLOT_EVERY_S
@@ -323,6 +336,17 @@ class ChatApp:
         finally:
             events.close()
         return None
+
+
+def as_update(value) -> dict:
+    """`value` as a Gradio update, for an output that other updates skip (the latency plot).
+
+    A gr.skip() makes Gradio 6.31 replace the session's copy of the component, and the next plain
+    value then adds a config for that copy, value included, and keeps it: a plot and a chat per
+    turn grew the server 20% over 500 turns. A value sent as an update replaces the config in
+    place. An input (the message box) must get no skips at all: reading it adds the config too.
+    """
+    return gr.update(value=value)
 
 
 def build_demo(app: ChatApp) -> gr.Blocks:
@@ -365,6 +389,7 @@ def build_demo(app: ChatApp) -> gr.Blocks:
                 )
                 temperature = gr.Slider(*LIMITS["temperature"], value=defaults.temperature, step=0.05, label="Temperature")
                 top_p = gr.Slider(*LIMITS["top_p"], value=defaults.top_p, step=0.05, label="Top-p")
+            settings_note = gr.Markdown(elem_id="settings-note")
         with gr.Accordion("Long conversation demo", open=False):
             gr.Markdown("Runs scripted user turns through your session, so you can watch the tokens in the "
                         "conversation grow while the cache memory stays flat. Stop ends it.")
@@ -373,21 +398,23 @@ def build_demo(app: ChatApp) -> gr.Blocks:
                 demo_button = gr.Button("Run long conversation", elem_id="long-conversation")
 
         pending = gr.State(None)
-        view = [chatbot, message, status, panel, plot, raw]
+        lost_draft = gr.State(None)  # (number, text) of a message the engine did not keep
+        view = [chatbot, lost_draft, status, panel, plot, raw]
         sampling = [max_new_tokens, temperature, top_p]
         cache_inputs = [system_prompt, sink, window]
 
         demo.load(app.open, None, view, api_name="open", **quick)
         demo.unload(app.close)
+        lost_draft.change(app.restore_draft, lost_draft, message, api_name="restore_draft", **quick)
         gr.on(
             [message.submit, send_button.click], app.send, [message, chatbot] + cache_inputs,
             [chatbot, message, pending, status], api_name="send", **quick,
         ).success(app.respond, [pending] + sampling, view, api_name="respond", **generation)
         gr.on(
             [system_prompt.submit, system_prompt.blur, sink.release, window.release], app.configure,
-            cache_inputs, status, api_name="configure", **quick,
+            cache_inputs, settings_note, api_name="configure", **quick,
         )
-        stop_button.click(app.stop, None, status, api_name="stop", **quick)
+        stop_button.click(app.stop, None, None, api_name="stop", **quick)
         regenerate_button.click(app.regenerate, sampling, view, api_name="regenerate", **generation)
         undo_button.click(app.undo, None, view, api_name="undo", **quick)
         clear_button.click(app.clear, None, view, api_name="clear", **quick)

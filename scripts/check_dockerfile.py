@@ -254,7 +254,7 @@ def one_turn(url: str) -> str:
 
     client = Client(url, verbose=False)
     client.predict("Hello!", [], "", 4, 256, api_name="/send")
-    return client.submit(4, 0.7, 0.9, api_name="/respond").result(timeout=120)[2]
+    return client.submit(4, 0.7, 0.9, api_name="/respond").result(timeout=120)[1]  # (chat, status, ...)
 
 
 def replay(dockerfile: Path, workspace: Path) -> Build:

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package
@@ -30,9 +30,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class Served(NamedTuple):
+    app: object  # app.ChatApp
+    url: str
+    demo: object  # the gradio.Blocks
+
+
 @contextmanager
-def serve_in_process(**config) -> Iterator[tuple]:
-    """(ChatApp, url) of app.py built with AppConfig(**config), served on a free local port."""
+def serve_in_process(**config) -> Iterator[Served]:
+    """app.py built with AppConfig(**config), served on a free local port."""
     sys.path.insert(0, str(ROOT))
     import app as app_module
 
@@ -40,7 +46,7 @@ def serve_in_process(**config) -> Iterator[tuple]:
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield chat_app, f"http://127.0.0.1:{port}/"
+        yield Served(chat_app, f"http://127.0.0.1:{port}/", demo)
     finally:
         demo.close()
 

@@ -33,8 +33,8 @@ RECORD = """() => {
 
 @pytest.fixture(scope="module")
 def served():
-    with serve_in_process(model="tiny-random", window=64) as pair:
-        yield pair
+    with serve_in_process(model="tiny-random", window=64) as server:
+        yield server
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def set_number(page, label: str, value: str) -> None:
 
 
 def test_a_reply_streams_into_the_page_and_the_metrics_follow(served, page, tmp_path):
-    chat_app, url = served
+    chat_app, url, _ = served
     page.goto(url)
     page.wait_for_selector("#metrics table", timeout=60_000)
     assert "CPU (no GPU)" in page.inner_text("#metrics") and len(chat_app.registry) == 1
@@ -89,3 +89,21 @@ def test_a_reply_streams_into_the_page_and_the_metrics_follow(served, page, tmp_
     while len(chat_app.registry) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(chat_app.registry) == 0
+
+
+def test_stop_while_reading_a_long_paste_puts_it_back_in_the_box(served, page):
+    """The engine drops a message it was stopped reading; the page gets it back through restore_draft."""
+    paste = "The quick brown fox jumps over the lazy dog. " * 800  # ~30k tokens: seconds of reading
+    page.goto(served.url)
+    page.wait_for_selector("#metrics table", timeout=60_000)
+    box = page.locator("#message textarea")
+    box.fill(paste)
+    box.press("Enter")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Reading your message:')", timeout=60_000)
+    assert box.input_value() == ""
+    page.locator("#stop").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('stopped while reading')",
+                           timeout=60_000)
+    page.wait_for_function("(text) => document.querySelector('#message textarea').value === text", arg=paste,
+                           timeout=10_000)
+    assert page.locator("#chat .message.user").count() == 0
