@@ -22,16 +22,18 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from served_app import free_port, stop_process, wait_until_up  # noqa: E402
+
 SKIPPED_PROGRAMS = ("useradd",)  # creating users needs root and changes the machine
 PASSED_THROUGH = re.compile(r"^(PIP_.*|SSL_CERT_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|LANG)$")
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing answers, so any outbound HTTP fails
@@ -199,12 +201,6 @@ def local_env(build: Build) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def check_app(build: Build, log: Path) -> None:
     """Start CMD offline and wait until it answers, then send one message through its API."""
     if build.cmd is None or build.exposed is None:
@@ -221,32 +217,15 @@ def check_app(build: Build, log: Path) -> None:
     with open(log, "wb") as out:
         app = subprocess.Popen(build.cmd, cwd=build.workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(url, app, log)
+        wait_until_up(url, app, START_TIMEOUT_S, log)
         status = one_turn(url)
         if not status.startswith("Done:"):
             raise SystemExit(f"the app answered, but the chat turn did not finish: {status}")
         print(f"    the app answers on its port; one turn: {status}", flush=True)
+    except (RuntimeError, TimeoutError) as error:  # it exited, or never answered: the message has its log
+        raise SystemExit(str(error)) from None
     finally:
-        app.terminate()
-        try:
-            app.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            app.kill()
-
-
-def wait_for(url: str, app: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while time.monotonic() < deadline:
-        if app.poll() is not None:
-            raise SystemExit(f"the app exited with {app.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with opener.open(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"the app did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+        stop_process(app)
 
 
 def one_turn(url: str) -> str:

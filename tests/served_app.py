@@ -1,6 +1,7 @@
 """Start the real Gradio app for tests: in this process (tiny model) or as `python app.py` (any model).
 
-Also where the headless Chromium used against it is found, and its flags.
+Also where the headless Chromium used against it is found, and its flags. scripts/check_dockerfile.py
+and scripts/screenshot.py start the app with these helpers too.
 """
 
 from __future__ import annotations
@@ -63,24 +64,30 @@ def serve_subprocess(env: dict[str, str], log: Path, timeout_s: float = 180) -> 
         wait_until_up(url, process, timeout_s, log)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
     """Poll `url` until it answers 200; fail with the server's log if it exits or takes too long."""
     deadline = time.monotonic() + timeout_s
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local URL never goes through a proxy
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with direct.open(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"the app did not answer on {url} within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
