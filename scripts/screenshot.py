@@ -32,10 +32,15 @@ def take(url: str, out: Path, profile: Path) -> None:
         page.goto(url)
         page.wait_for_selector("#metrics table", timeout=120_000)
         page.get_by_label("System prompt (optional, pinned in the sink tokens)").fill("You are a friendly assistant.")
-        for message in MESSAGES:
+        for replies, message in enumerate(MESSAGES, start=1):
             page.locator("#message textarea").fill(message)
             page.locator("#message textarea").press("Enter")
-            page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done:')", timeout=300_000)
+            # The status still says the last turn's "Done:" until this one starts: count the replies too.
+            page.wait_for_function(
+                "(replies) => document.querySelectorAll('#chat .message.bot').length === replies"
+                " && document.querySelector('#status').innerText.startsWith('Done:')",
+                arg=replies, timeout=300_000,
+            )
             page.wait_for_timeout(600)  # let the plot finish drawing
         page.screenshot(path=str(out), full_page=True)
         context.close()
