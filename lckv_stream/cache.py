@@ -1,10 +1,10 @@
 """The condensed attention-sink + sliding-window KV cache (StreamingLLM over LCKV).
 
 Only the KV-producing layers are stored, in fixed-size buffers (one per producer layer): `sink` first
-tokens plus a ring of the `window` most recent ones. Window keys are stored rotated (RoPE) at their absolute stream index: what
-attention needs is the distance between query and key, which eviction never changes for them. Sink
-keys are also kept un-rotated, because their distance to the query shrinks as the cache shifts; the
-model re-rotates those few before each call.
+tokens plus a ring of the `window` most recent ones. Window keys are stored rotated (RoPE) at their
+absolute stream index: what attention needs is the distance between query and key, which eviction
+never changes for them. Sink keys are also kept un-rotated, because their distance to the query
+shrinks as the cache shifts; the model re-rotates those few before each call.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class SinkWindowCache:
         return self.keys[0].dtype
 
     def row(self, layer: int) -> int:
-        """Index of a producer layer in the stacked buffers."""
+        """Index of a producer layer in the per-layer buffer lists."""
         return self._row[layer]
 
     def layer_keys(self, layer: int) -> torch.Tensor:
