@@ -15,6 +15,8 @@ CHATML_TEMPLATE = (
 # C0/C1 control characters other than tab and newline; they carry no meaning in a chat message.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MARKER = "\u2063lckv-marker\u2063"
+# Messages rendered for a new turn in a long conversation (plus the system message).
+RECENT_MESSAGES = 2
 
 
 class ChatError(ValueError):
@@ -64,17 +66,47 @@ class ChatFormat:
     def decode_visible(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def new_turn_text(self, messages: list[dict], user_text: str, encoded_text: str) -> str:
-        """Text to encode for a new user turn, given the text already encoded.
+    def new_turn_text(self, messages: list[dict], user_text: str, encoded_texts: list[str]) -> str:
+        """Text to encode for a new user turn, given the text each earlier message added.
 
-        Normally the full render with the new turn extends what was encoded; otherwise (a template
-        that rewrites history) only the new turn is encoded, so what the model already saw stays.
+        messages: the conversation so far (a leading system message included); encoded_texts: what
+        each non-system message added to the encoded text, in order. Normally the render with the new
+        turn extends what was encoded; otherwise (a template that rewrites history) only the new turn
+        is encoded, so what the model already saw stays. Long conversations render only their last
+        messages, so a turn costs the same at turn 5 and at turn 5,000.
         """
+        if len(encoded_texts) > RECENT_MESSAGES:
+            text = self._new_turn_from_recent(messages, user_text, encoded_texts[-1])
+            if text is not None:
+                return text
+        return self._new_turn_from_all(messages, user_text, "".join(encoded_texts))
+
+    def _new_turn_from_all(self, messages: list[dict], user_text: str, encoded_text: str) -> str:
+        """The new turn's text from a render of the whole conversation."""
         full = self.render(messages + [{"role": "user", "content": user_text}], add_generation_prompt=True)
         if full.startswith(encoded_text):
             return full[len(encoded_text):]
         previous = self.render(messages, add_generation_prompt=False) if messages else ""
         return full[len(previous):] if full.startswith(previous) else full
+
+    def _new_turn_from_recent(self, messages: list[dict], user_text: str, last_encoded: str) -> str | None:
+        """The new turn's text from a render of the system message and the last messages only.
+
+        The last reply was encoded right after the generation prompt of the messages before it; when
+        the render with the new turn starts with exactly that, the rest is the new turn. None when
+        it does not (the caller renders everything then).
+        """
+        if not messages or messages[-1]["role"] != "assistant" or not last_encoded:
+            return None
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        recent = system + messages[-RECENT_MESSAGES:]
+        try:
+            prompt = self.render(recent[:-1], add_generation_prompt=True)
+            full = self.render(recent + [{"role": "user", "content": user_text}], add_generation_prompt=True)
+        except Exception:  # a template may refuse a conversation that starts mid-way
+            return None
+        encoded = prompt + last_encoded
+        return full[len(encoded):] if full.startswith(encoded) else None
 
     def pinned_prefix_length(self, system_prompt: str | None) -> int:
         """Tokens before the first user message's content: the system prompt and template header."""

@@ -240,15 +240,12 @@ class ChatSession:
         system = [{"role": "system", "content": self._system_prompt}] if self._system_prompt else []
         return system + (self._messages if messages is None else messages)
 
-    def _encoded_text(self) -> str:
-        return "".join(self._segment_texts)
-
     def _turn(self, text: str, sampling: SamplingSettings) -> Iterator[Event]:
         with self._exclusive():
             self._stop.clear()
             cache = self._ensure_cache(rebuild=True)
             self._undo_point = self._checkpoint(self._undo_point)
-            delta = self.format.new_turn_text(self._conversation(), text, self._encoded_text())
+            delta = self.format.new_turn_text(self._conversation(), text, self._segment_texts)
             ids = self.format.encode(delta)
             turn = TurnMetrics(prompt_tokens=len(ids))
             started = time.perf_counter()
@@ -406,7 +403,7 @@ class ChatSession:
     def _retemplate_first_message(self) -> None:
         """The system prompt lives in the first message's template text: render that again."""
         first = self._messages[0]
-        text = self.format.new_turn_text([], first["content"], "")
+        text = self.format.new_turn_text([], first["content"], [])
         ids = self.format.encode(text)
         self._token_count += len(ids) - len(self._segments[0])
         self._segments[0], self._segment_texts[0] = ids, text

@@ -37,8 +37,9 @@ def load_model(
 ):
     """(model, tokenizer) for `source`, moved to `device` in `dtype`.
 
-    source: 'default' (the embedded LCKV chat model), a folder with config.json (lckv-llama, or a
-    Llama that is converted with `layer_types`, identity by default), a .gguf file, or a Hub id.
+    source: 'default' (the embedded LCKV chat model), a delta folder (delta.json: trained weights on
+    top of the base, like the default's), a folder with config.json (lckv-llama, or a Llama that is
+    converted with `layer_types`, identity by default), a .gguf file, or a Hub id.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +56,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         llama = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         return _as_lckv(llama, layer_types).to(device, dtype), tokenizer
+    if (path / "delta.json").is_file():
+        from .default_model import load_default_model
+
+        return load_default_model(device, dtype, delta=path, progress=progress)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: give a model folder, a .gguf file, or 'default'")

@@ -93,7 +93,8 @@ def test_a_reply_streams_into_the_page_and_the_metrics_follow(served, page, tmp_
 
 def test_stop_while_reading_a_long_paste_puts_it_back_in_the_box(served, page):
     """The engine drops a message it was stopped reading; the page gets it back through restore_draft."""
-    paste = "The quick brown fox jumps over the lazy dog. " * 800  # ~30k tokens: seconds of reading
+    # ~100k tokens: reading takes long enough (~15 s) that Stop lands in it even when the page is slow to click.
+    paste = "The quick brown fox jumps over the lazy dog. " * 2900
     page.goto(served.url)
     page.wait_for_selector("#metrics table", timeout=60_000)
     box = page.locator("#message textarea")
@@ -102,8 +103,11 @@ def test_stop_while_reading_a_long_paste_puts_it_back_in_the_box(served, page):
     page.wait_for_function("document.querySelector('#status').innerText.includes('Reading your message:')", timeout=60_000)
     assert box.input_value() == ""
     page.locator("#stop").click()
-    page.wait_for_function("document.querySelector('#status').innerText.includes('stopped while reading')",
-                           timeout=60_000)
+    try:
+        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped while reading')",
+                               timeout=60_000)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"status: {page.inner_text('#status')!r}") from None
     page.wait_for_function("(text) => document.querySelector('#message textarea').value === text", arg=paste,
                            timeout=10_000)
     assert page.locator("#chat .message.user").count() == 0
