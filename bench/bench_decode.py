@@ -28,7 +28,8 @@ from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv_stream import cla_map, lckv_map  # noqa: E402
+from lckv_stream import lckv_map  # noqa: E402
+from lckv_stream.default_model import default_layer_types  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
 
@@ -194,9 +195,9 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
     torch.manual_seed(0)
     dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
     model = {
-        "c_ours_eager": lambda: convert_llama(dense, cla_map(30, 2)),
-        "d_ours_graph": lambda: convert_llama(dense, cla_map(30, 2)),
-        "e_ours_compiled_graph": lambda: convert_llama(dense, cla_map(30, 2)),
+        "c_ours_eager": lambda: convert_llama(dense, default_layer_types()),
+        "d_ours_graph": lambda: convert_llama(dense, default_layer_types()),
+        "e_ours_compiled_graph": lambda: convert_llama(dense, default_layer_types()),
         "e_ours_compiled_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
     }.get(name, lambda: dense)().eval()
     measure = {

@@ -18,6 +18,7 @@ from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config  # noqa: 
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from lckv_stream import cla_map, lckv_map  # noqa: E402
+from lckv_stream.default_model import default_layer_types  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import GraphDecoder  # noqa: E402
 
@@ -25,13 +26,13 @@ from lckv_stream.decoding import GraphDecoder  # noqa: E402
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layer-map", choices=("cla2", "lckv2"), default="cla2")
+    parser.add_argument("--layer-map", choices=("default", "cla2", "lckv2"), default="default")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
-    layer_map = cla_map(30, 2) if args.layer_map == "cla2" else lckv_map(30, 1, 1)
+    layer_map = {"default": default_layer_types(), "cla2": cla_map(30, 2), "lckv2": lckv_map(30, 1, 1)}[args.layer_map]
     model = convert_llama(dense, layer_map).eval()
     cache = model.new_cache(SINK, WINDOW, batch_size=args.batch)
     fill(model, cache, 1024)

@@ -33,12 +33,12 @@ def load(model_source: str, tokenizer_folder: str | None):
         from bench_decode import smollm_config  # noqa: E402
         from transformers import LlamaForCausalLM
 
-        from lckv_stream import cla_map
         from lckv_stream.convert import convert_llama
+        from lckv_stream.default_model import default_layer_types
 
         torch.manual_seed(0)
         dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16)
-        return convert_llama(dense, cla_map(30, 2)), AutoTokenizer.from_pretrained(tokenizer_folder)
+        return convert_llama(dense, default_layer_types()), AutoTokenizer.from_pretrained(tokenizer_folder)
     from lckv_stream.loading import load_model
 
     return load_model(model_source, "cuda")

@@ -12,7 +12,12 @@ from .config import LCKVLlamaConfig
 from .convert import convert_llama
 from .delta import apply_delta
 
-DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-cla2"
+DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-kv21"
+
+
+def default_layer_types(delta: Path = DEFAULT_DELTA) -> str:
+    """The shipped model's layer map (benchmarks build random-weight models of the same shape)."""
+    return LCKVLlamaConfig.from_pretrained(delta).layer_types
 
 
 def load_default_model(

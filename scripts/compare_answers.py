@@ -37,7 +37,8 @@ def main() -> None:
     base, tokenizer = load_base("cpu", progress=lambda _: None)
     teacher = convert_llama(base, identity_map(base.config.num_hidden_layers))
     student, _ = load_default_model("cpu", progress=lambda _: None)
-    print("| prompt | teacher (dense, 30 KV layers) | student (default, 15 KV layers) |")
+    kv_layers = len(student.config.layer_map.producers)
+    print(f"| prompt | teacher (dense, 30 KV layers) | student (default, {kv_layers} KV layers) |")
     print("|---|---|---|")
     for prompt in PROMPTS:
         cells = [prompt] + [answer(m, tokenizer, prompt).replace("\n", " ").replace("|", "/") for m in (teacher, student)]

@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv_stream import lckv_map  # noqa: E402
+from lckv_stream import LayerMap, lckv_map  # noqa: E402
 from lckv_stream.base_model import GGUF_NAME, GGUF_SHA256, load_base  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.delta import read_delta, save_delta  # noqa: E402
@@ -75,11 +75,26 @@ def delta_tensors(student) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def remapped_layers(old_types: str, new_types: str) -> set[int]:
+    """Layers whose KV source differs between two maps."""
+    old, new = LayerMap.parse(old_types).sources, LayerMap.parse(new_types).sources
+    return {layer for layer, (a, b) in enumerate(zip(old, new)) if a != b}
+
+
+def belongs_to_layers(name: str, layers: set[int]) -> bool:
+    """The attention weights and input norm of one of `layers` (what a new KV source invalidates)."""
+    return any(name.startswith((f"model.layers.{i}.self_attn.", f"model.layers.{i}.input_layernorm."))
+               for i in layers)
+
+
 @torch.no_grad()
-def load_delta_into_student(student, folder: Path) -> None:
+def load_delta_into_student(student, folder: Path, keep_teacher: set[int] = frozenset()) -> None:
+    """Trained weights from a delta folder; the layers in `keep_teacher` keep the teacher's attention."""
     params = dict(student.named_parameters())
     _, tensors = read_delta(folder, GGUF_SHA256)
     for name, tensor in tensors.items():
+        if belongs_to_layers(name, keep_teacher):
+            continue
         if name.endswith((".lora_A", ".lora_B")):
             weight, which = name.rsplit(".", 1)
             name = f"{weight[: -len('.weight')]}.{which}"
@@ -117,11 +132,13 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ro
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokens: np.ndarray, length: int, windows: int, device: str, **kwargs) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of the held-out stream."""
+def heldout_perplexity(
+    model, tokens: np.ndarray, length: int, windows: int, device: str, first: int = 0, **kwargs
+) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows first, first + 1, ... of the held-out stream."""
     model.eval()
     nll, count = 0.0, 0
-    for w in range(min(windows, len(tokens) // length)):
+    for w in range(first, min(first + windows, len(tokens) // length)):
         ids = torch.from_numpy(np.asarray(tokens[w * length : (w + 1) * length], dtype=np.int64)).to(device)[None]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(ids, **kwargs).logits.float()
@@ -144,7 +161,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/lckv-data"))
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder (full state, resumable)")
     parser.add_argument("--export", type=Path, help="also write the delta here (bf16 shards)")
-    parser.add_argument("--resume-delta", type=Path, help="start from a delta folder (no optimizer state)")
+    parser.add_argument("--resume-delta", type=Path,
+                        help="start from a delta folder (no optimizer state); with another layer map, the "
+                             "re-mapped layers start from the teacher's attention and the schedule restarts")
     parser.add_argument("--minutes", type=float, default=9.0)
     parser.add_argument("--total-steps", type=int, default=3000)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -175,17 +194,24 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95),
                                   fused=device == "cuda")
     state_path = args.out / "state.pt"
-    step, tokens_seen, log = 0, 0, []
+    step, tokens_seen, log, parent = 0, 0, [], None
     if state_path.exists():
         state = torch.load(state_path, map_location=device)
         student.load_state_dict(state["student"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        step, tokens_seen, log = state["step"], state["tokens"], state["log"]
+        step, tokens_seen, log, parent = state["step"], state["tokens"], state["log"], state.get("parent")
         print(f"resumed at step {step}", flush=True)
     elif args.resume_delta:
-        load_delta_into_student(student, args.resume_delta)
-        step = json.loads((args.resume_delta / "train_state.json").read_text())["step"]
-        print(f"resumed weights from {args.resume_delta} at step {step} (fresh optimizer)", flush=True)
+        previous = json.loads((args.resume_delta / "train_state.json").read_text())
+        remapped = remapped_layers(previous["layer_types"], layer_types)
+        load_delta_into_student(student, args.resume_delta, keep_teacher=remapped)
+        if remapped:  # a new stage on top of the delta: its own schedule, the delta's record kept
+            parent = previous
+            print(f"started from {args.resume_delta}; layers {sorted(remapped)} re-mapped (teacher's attention)",
+                  flush=True)
+        else:
+            step = previous["step"]
+            print(f"resumed weights from {args.resume_delta} at step {step} (fresh optimizer)", flush=True)
 
     batches = Batches(args.data, args.seq_len, args.batch, args.chat_share, args.seed + step)
     print(f"layer map {layer_types}: {len(set(map(int, layer_types.split('_'))))} KV layers; "
@@ -228,13 +254,20 @@ def main() -> None:
         "tokens": tokens_seen,
         "teacher_ppl": heldout_perplexity(teacher, heldout, 1024, args.eval_windows, device),
         "student_ppl": heldout_perplexity(student, heldout, 1024, args.eval_windows, device),
+        # Windows apart from the evaluation's, for choosing between candidates (100-131).
+        "select_ratio": heldout_perplexity(student, heldout, 1024, 32, device, first=100)
+        / heldout_perplexity(teacher, heldout, 1024, 32, device, first=100),
         "minutes": (time.time() - started) / 60,
     }
     result["ratio"] = result["student_ppl"] / result["teacher_ppl"]
-    print(json.dumps(result), flush=True)
+    if parent:
+        result["parent"] = parent
+        result["total_tokens"] = parent.get("total_tokens", parent["tokens"]) + tokens_seen
+    print(json.dumps({k: v for k, v in result.items() if k != "parent"}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"student": {k: v for k, v in student.state_dict().items() if "lora" in k or trains_fully(k)},
-                "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens_seen, "log": log}, state_path)
+                "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens_seen, "log": log,
+                "parent": parent}, state_path)
     if args.export:
         base_info = {"name": GGUF_NAME, "sha256": GGUF_SHA256}
         save_delta(args.export, student.config, delta_tensors(student), base_info,

@@ -5,9 +5,10 @@ import socket
 import pytest
 import torch
 
-from lckv_stream import identity_map
+from lckv_stream import LCKVLlamaConfig, identity_map
 from lckv_stream.base_model import cache_dir, cached_gguf, load_base
 from lckv_stream.convert import convert_llama
+from lckv_stream.default_model import DEFAULT_DELTA
 from lckv_stream.engine import ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
 
@@ -39,7 +40,19 @@ def test_default_model_loads_offline_and_answers(offline):
     from lckv_stream.loading import load_model
 
     model, tokenizer = load_model("default", "cpu", progress=lambda _: None)
-    assert model.config.layer_map.producers == tuple(range(0, 30, 2))
+    shipped = LCKVLlamaConfig.from_pretrained(DEFAULT_DELTA).layer_types
+    assert model.config.layer_types == shipped
+    assert len(model.config.layer_map.producers) < 30  # a condensed cache: fewer KV layers than the base
     chat = ChatSession(model, tokenizer, sampling=SamplingSettings(temperature=0, max_new_tokens=12))
     reply = next(e for e in chat.send("What is the capital of France?") if isinstance(e, TurnEnd)).reply
     assert "Paris" in reply
+
+
+def test_a_delta_folder_loads_like_the_default(offline):
+    from lckv_stream.loading import load_model
+
+    by_name, _ = load_model("default", "cpu", progress=lambda _: None)
+    by_folder, _ = load_model(str(DEFAULT_DELTA), "cpu", progress=lambda _: None)
+    assert by_folder.config.layer_types == by_name.config.layer_types
+    for (name, a), (_, b) in zip(by_name.state_dict().items(), by_folder.state_dict().items()):
+        assert torch.equal(a, b), name
