@@ -7,6 +7,7 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
   (d) ours, CUDA graph, same map
   (e) ours, compiled (TorchInductor) then captured in a CUDA graph: the engine's decoder on a GPU;
       (e*) the same with the LCKV 1+1 warmup map (3 KV layers)
+  (f) (e) with fused q/k/v and gate/up weights (`lckv_stream.fusion`)
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
 context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens.
 Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lckv_stream import lckv_map  # noqa: E402
 from lckv_stream.default_model import default_layer_types  # noqa: E402
+from lckv_stream.fusion import fuse_projections  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
 
@@ -185,8 +187,13 @@ def ttft_ours(model):
     return ttft(prepare)
 
 
+def fused(model):
+    fuse_projections(model)
+    return model
+
+
 VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "e_ours_compiled_graph",
-            "e_ours_compiled_graph_lckv_w2")
+            "e_ours_compiled_graph_lckv_w2", "f_ours_fused_compiled_graph")
 BATCHES = (1, 8, 32, 64)
 
 
@@ -199,6 +206,7 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         "d_ours_graph": lambda: convert_llama(dense, default_layer_types()),
         "e_ours_compiled_graph": lambda: convert_llama(dense, default_layer_types()),
         "e_ours_compiled_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
+        "f_ours_fused_compiled_graph": lambda: fused(convert_llama(dense, default_layer_types())),
     }.get(name, lambda: dense)().eval()
     measure = {
         "a_hf_eager": lambda n, b: hf_eager(model, n, 50),
@@ -207,6 +215,7 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         "d_ours_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b),
         "e_ours_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
         "e_ours_compiled_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True, compile=True),
+        "f_ours_fused_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
     }[name]
     result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "cache": {"sink": SINK, "window": WINDOW}, "latency": {}}
@@ -221,7 +230,7 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         result["ttft_ms"] = ttft_hf(model)
     if name == "c_ours_eager":
         result["ttft_ms"] = ttft_ours(model)
-    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph"):
+    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph", "f_ours_fused_compiled_graph"):
         result["batch"] = {}
         for batch in batches:
             row = measure(1024, batch)
@@ -241,8 +250,12 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--table", action="store_true", help="only print the table of the JSON files in --out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print_table(args.out)
+        return
     if args.variant:
         result = run_variant(args.variant, args.steps, args.lengths, tuple(args.batches))
         (args.out / f"{args.variant}.json").write_text(json.dumps(result, indent=1))
@@ -256,6 +269,26 @@ def main() -> None:
                                "--batches", *map(str, args.batches)])
         if done.returncode:
             (args.out / f"{name}.json").write_text(json.dumps({"variant": name, "error": done.returncode}))
+    print_table(args.out)
+
+
+def print_table(folder: Path) -> None:
+    """ms/token per conversation length and tokens/s per batch size of every variant in `folder`."""
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    lengths = sorted({int(n) for r in results for n in r.get("latency", {})})
+    batches = sorted({int(b) for r in results for b in r.get("batch", {})})
+    header = ["variant", *(f"{n:,} ms" for n in lengths), "KV MB", *(f"tok/s x{b}" for b in batches)]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in results:
+        if "error" in r:
+            print(f"| {r['variant']} | failed (exit {r['error']}) |")
+            continue
+        rows = r["latency"]
+        cells = [f"{rows[str(n)]['ms_per_token']:.3f}" if rows.get(str(n)) else "—" for n in lengths]
+        kv = next((row["kv_mb"] for row in rows.values() if row), float("nan"))
+        throughput = [f"{r['batch'][str(b)]['tokens_per_s']:,.0f}" if str(b) in r.get("batch", {}) else ""
+                      for b in batches]
+        print("| " + " | ".join([r["variant"], *cells, f"{kv:.1f}", *throughput]) + " |")
 
 
 if __name__ == "__main__":

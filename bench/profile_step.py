@@ -37,7 +37,7 @@ def main() -> None:
     cache = model.new_cache(SINK, WINDOW, batch_size=args.batch)
     fill(model, cache, 1024)
     decoder = GraphDecoder(model, cache, compile=not args.no_compile)
-    step = decoder._compiled
+    step = decoder.ungraphed_step
     for _ in range(5):
         step()
     torch.cuda.synchronize()

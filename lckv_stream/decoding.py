@@ -49,7 +49,7 @@ class GraphDecoder(EagerDecoder):
         self.name = "cuda-graph + compile" if compile else "cuda-graph"
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         step = torch.compile(self._run, fullgraph=True, dynamic=False) if compile else self._run
-        self._compiled = step  # the step without the graph (profiling)
+        self.ungraphed_step = step  # the same step run without the graph (profiling)
         saved = cache.snapshot()  # warm-up and capture run real steps: put the state back afterwards
         try:
             with torch.inference_mode():

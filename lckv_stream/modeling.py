@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .attention import ForwardContext, Rope
 from .cache import SinkWindowCache
@@ -42,27 +43,53 @@ class LCKVLlamaAttention(nn.Module):
         if self.computes_kv:
             self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.qkv_weight: torch.Tensor | None = None  # set by fusion.fuse_projections (inference)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, steps, _ = x.shape
         return x.view(batch, steps, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = nn.functional.linear(hidden, self.qkv_weight).split(
+                [self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q = self.q_proj(hidden)
+            k, v = (self.k_proj(hidden), self.v_proj(hidden)) if self.computes_kv else (None, None)
         if self.computes_kv:
-            keys = self._heads(self.k_proj(hidden), self.num_kv_heads)
-            values = self._heads(self.v_proj(hidden), self.num_kv_heads)
-            context.produce(self.layer_idx, keys, values)
-        query = self._heads(self.q_proj(hidden), self.num_heads)
+            context.produce(self.layer_idx, self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads))
+        query = self._heads(q, self.num_heads)
         out = context.attend(query, self.source, self.no_diagonal, self.sliding)
         batch, _, steps, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class LCKVLlamaMLP(nn.Module):
+    """Llama's gated MLP (same weight names), with an optional fused gate/up weight for inference."""
+
+    def __init__(self, config: LCKVLlamaConfig) -> None:
+        super().__init__()
+        size, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(size, inner, bias=bias)
+        self.up_proj = nn.Linear(size, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.gate_up_weight: torch.Tensor | None = None  # set by fusion.fuse_projections (inference)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():
+            gate, up = nn.functional.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class LCKVLlamaDecoderLayer(nn.Module):
     def __init__(self, config: LCKVLlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LCKVLlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LCKVLlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
