@@ -30,10 +30,10 @@ from transformers.cache_utils import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lckv_stream import lckv_map  # noqa: E402
-from lckv_stream.default_model import default_layer_types  # noqa: E402
-from lckv_stream.fusion import fuse_projections  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
+from lckv_stream.default_model import default_layer_types  # noqa: E402
+from lckv_stream.fusion import fuse_projections  # noqa: E402
 
 LENGTHS = [1024, 8192, 65536, 1 << 20]
 TRAINED_CONTEXT = 8192

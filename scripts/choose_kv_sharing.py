@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from lckv_stream import LayerMap  # noqa: E402
 from lckv_stream.base_model import load_base  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
-from train_distill import heldout_perplexity  # noqa: E402
+from train_distill import SELECTION_WINDOWS, heldout_perplexity  # noqa: E402
 
 
 def unshare(layer_types: str, layers: set[int]) -> str:
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with heldout.npy")
     parser.add_argument("--delta", type=Path, required=True, help="the trained student (delta folder): its map")
     parser.add_argument("--max-layers", type=int, default=8)
-    parser.add_argument("--first-window", type=int, default=100)
-    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--first-window", type=int, default=SELECTION_WINDOWS[0])
+    parser.add_argument("--windows", type=int, default=SELECTION_WINDOWS[1])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

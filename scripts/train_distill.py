@@ -30,6 +30,8 @@ from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.delta import read_delta, save_delta  # noqa: E402
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Held-out windows (first, count) for choosing between maps, apart from the evaluation's (0-63).
+SELECTION_WINDOWS = (100, 32)
 
 
 class LoRALinear(nn.Module):
@@ -247,6 +249,7 @@ def main() -> None:
             log.append({"step": step, "kl": round(loss.item(), 5), "tokens": tokens_seen})
 
     heldout = np.load(args.data / "heldout.npy", mmap_mode="r")
+    selection_first, selection_count = SELECTION_WINDOWS
     result = {
         "layer_types": layer_types,
         "kv_layers": len(set(layer_types.split("_"))),
@@ -254,9 +257,8 @@ def main() -> None:
         "tokens": tokens_seen,
         "teacher_ppl": heldout_perplexity(teacher, heldout, 1024, args.eval_windows, device),
         "student_ppl": heldout_perplexity(student, heldout, 1024, args.eval_windows, device),
-        # Windows apart from the evaluation's, for choosing between candidates (100-131).
-        "select_ratio": heldout_perplexity(student, heldout, 1024, 32, device, first=100)
-        / heldout_perplexity(teacher, heldout, 1024, 32, device, first=100),
+        "select_ratio": heldout_perplexity(student, heldout, 1024, selection_count, device, first=selection_first)
+        / heldout_perplexity(teacher, heldout, 1024, selection_count, device, first=selection_first),
         "minutes": (time.time() - started) / 60,
     }
     result["ratio"] = result["student_ppl"] / result["teacher_ppl"]
