@@ -5,9 +5,10 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
   (b) transformers StaticCache, decode step captured by hand in a CUDA graph (dense)
   (c) ours, eager, sink + window cache, the default model's layer map
   (d) ours, CUDA graph, same map
-  (e) ours, compiled (TorchInductor) then captured in a CUDA graph: the engine's decoder on a GPU;
-      (e*) the same with the LCKV 1+1 warmup map (3 KV layers)
-  (f) (e) with fused q/k/v and gate/up weights (`lckv_stream.fusion`)
+  (e) ours as the engine runs it on a GPU: fused q/k/v and gate/up weights, the step compiled
+      (TorchInductor) then captured in a CUDA graph; (e*) the same with the LCKV 1+1 map (3 KV layers)
+Ours use the engine's default cache (sink + window of `CacheSettings`) and, on CUDA, the Triton
+decode-attention kernel (LCKV_DECODE_KERNEL=0: the portable attention instead).
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
 context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens.
 Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,11 +35,12 @@ from lckv_stream import lckv_map  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
 from lckv_stream.default_model import default_layer_types  # noqa: E402
+from lckv_stream.engine import CacheSettings  # noqa: E402
 from lckv_stream.fusion import fuse_projections  # noqa: E402
 
 LENGTHS = [1024, 8192, 65536, 1 << 20]
 TRAINED_CONTEXT = 8192
-SINK, WINDOW = 4, 4092
+SINK, WINDOW = CacheSettings().sink, CacheSettings().window
 VOCAB = 49152
 
 
@@ -193,7 +196,7 @@ def fused(model):
 
 
 VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "e_ours_compiled_graph",
-            "e_ours_compiled_graph_lckv_w2", "f_ours_fused_compiled_graph")
+            "e_ours_compiled_graph_lckv_w2")
 BATCHES = (1, 8, 32, 64)
 
 
@@ -204,9 +207,8 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
     model = {
         "c_ours_eager": lambda: convert_llama(dense, default_layer_types()),
         "d_ours_graph": lambda: convert_llama(dense, default_layer_types()),
-        "e_ours_compiled_graph": lambda: convert_llama(dense, default_layer_types()),
-        "e_ours_compiled_graph_lckv_w2": lambda: convert_llama(dense, lckv_map(30, 1, 1)),
-        "f_ours_fused_compiled_graph": lambda: fused(convert_llama(dense, default_layer_types())),
+        "e_ours_compiled_graph": lambda: fused(convert_llama(dense, default_layer_types())),
+        "e_ours_compiled_graph_lckv_w2": lambda: fused(convert_llama(dense, lckv_map(30, 1, 1))),
     }.get(name, lambda: dense)().eval()
     measure = {
         "a_hf_eager": lambda n, b: hf_eager(model, n, 50),
@@ -215,10 +217,10 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         "d_ours_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b),
         "e_ours_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
         "e_ours_compiled_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True, compile=True),
-        "f_ours_fused_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
     }[name]
     result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "cache": {"sink": SINK, "window": WINDOW}, "latency": {}}
+                    "cache": {"sink": SINK, "window": WINDOW}, "latency": {},
+                    "decode_kernel": os.environ.get("LCKV_DECODE_KERNEL", "1") != "0"}
     for length in lengths:
         if name.startswith(("a_", "b_")) and length > TRAINED_CONTEXT:
             result["latency"][str(length)] = None  # past the trained context: dense baselines stop
@@ -230,7 +232,7 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         result["ttft_ms"] = ttft_hf(model)
     if name == "c_ours_eager":
         result["ttft_ms"] = ttft_ours(model)
-    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph", "f_ours_fused_compiled_graph"):
+    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph"):
         result["batch"] = {}
         for batch in batches:
             row = measure(1024, batch)

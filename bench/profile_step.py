@@ -1,12 +1,15 @@
 """Where the time of one decode step goes: CUDA kernels of the (compiled) step, by total time (GPU).
 
-    python bench/profile_step.py [--layer-map cla2|lckv2] [--batch 1] [--no-compile]
+    python bench/profile_step.py [--layer-map cla2|lckv2] [--batch 1] [--window 4092] [--fuse] [--no-gemv]
+                                 [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,13 +17,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config  # noqa: E402
+from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config, timed_ms  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from lckv_stream import cla_map, lckv_map  # noqa: E402
 from lckv_stream.default_model import default_layer_types  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import GraphDecoder  # noqa: E402
+from lckv_stream.fusion import fuse_projections  # noqa: E402
 
 
 @torch.inference_mode()
@@ -29,14 +33,26 @@ def main() -> None:
     parser.add_argument("--layer-map", choices=("default", "cla2", "lckv2"), default="default")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--window", type=int, default=WINDOW)
+    parser.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up weights")
+    parser.add_argument("--no-gemv", action="store_true",
+                        help="compile without coordinate-descent tuning (one-row products through cuBLAS)")
+    parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     torch.manual_seed(0)
     dense = LlamaForCausalLM(smollm_config()).to("cuda", torch.bfloat16).eval()
     layer_map = {"default": default_layer_types(), "cla2": cla_map(30, 2), "lckv2": lckv_map(30, 1, 1)}[args.layer_map]
     model = convert_llama(dense, layer_map).eval()
-    cache = model.new_cache(SINK, WINDOW, batch_size=args.batch)
+    if args.fuse:
+        fuse_projections(model)
+    cache = model.new_cache(SINK, args.window, batch_size=args.batch)
     fill(model, cache, 1024)
-    decoder = GraphDecoder(model, cache, compile=not args.no_compile)
+    began = time.perf_counter()
+    options = {} if args.no_gemv else None
+    decoder = GraphDecoder(model, cache, compile=not args.no_compile, compile_options=options)
+    setup_s = time.perf_counter() - began
+    token = random_ids(args.batch, 1)
+    replay_ms = timed_ms(lambda: decoder.step(token), 300)
     step = decoder.ungraphed_step
     for _ in range(5):
         step()
@@ -48,8 +64,11 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.self_device_time_total for e in events) / 10
     launches = sum(e.count for e in events) / 10
-    print(f"{args.layer_map} batch {args.batch}: {launches:.0f} kernels, {total_us:.0f} us of kernel time per step")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    label = (f"{args.layer_map} batch {args.batch} window {args.window} fuse={args.fuse} "
+             f"gemv={not args.no_gemv} kernel={os.environ.get('LCKV_DECODE_KERNEL', '1')}")
+    print(f"{label}: graph replay {replay_ms:.3f} ms/step, {launches:.0f} kernels, "
+          f"{total_us:.0f} us of kernel time per step; setup {setup_s:.0f} s")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ to [cache | new] and are written afterwards.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import decode_kernel
 from .cache import SinkWindowCache
 
 
@@ -78,6 +80,9 @@ class ForwardContext:
     sink_query_cos: torch.Tensor | None = None  # set when sink columns need re-scoring per query
     sink_query_sin: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    decode_kernel: bool = False  # one-token call through the Triton kernel
+    sink_cos: torch.Tensor | None = None  # decode kernel: RoPE of the sink keys' places [batch, sink, dim]
+    sink_sin: torch.Tensor | None = None
     produced: dict[int, ProducedKV] = field(default_factory=dict)
     _masks: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -101,7 +106,13 @@ class ForwardContext:
         cos, sin = rope(query_index, dtype)
         context = cls(rope, cache, steps, groups, dtype, query_index, cos, sin, sliding_window)
         context.shift = (query_index + 1 - cache.capacity).clamp(min=0)
-        context._refresh_sink_keys(context.shift[:, -1])
+        if steps == 1 and uses_decode_kernel(cache):
+            # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
+            context.decode_kernel = True
+            positions = torch.arange(cache.sink, device=input_ids.device) + context.shift[:, -1:]
+            context.sink_cos, context.sink_sin = rope(positions, dtype)
+        else:
+            context._refresh_sink_keys(context.shift[:, -1])
         if steps == 1:
             context.slot = cache.claim_next_slot(input_ids)
         elif cache.sink > 0 and bool((context.shift[:, 0] != context.shift[:, -1]).any()):
@@ -169,6 +180,8 @@ class ForwardContext:
     def attend(self, query: torch.Tensor, source: int, no_diagonal: bool, sliding: bool) -> torch.Tensor:
         """Attention of raw (un-rotated) queries [batch, heads, T, dim] over the KV of layer `source`."""
         kv = self.read(source, query)
+        if self.decode_kernel:
+            return _unfold_heads(self._kernel_attention(query, kv, source, no_diagonal, sliding), self.groups)
         rotated = apply_rope(query, self.query_cos, self.query_sin)
         if self.cache is None and not sliding:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
@@ -183,6 +196,23 @@ class ForwardContext:
             out = self._attention_with_sink_rescore(folded, sink_query, source, mask)
         out = out.masked_fill(~has_key, 0.0)  # a query that sees no key gets a zero output
         return _unfold_heads(out, self.groups)
+
+    def _kernel_attention(
+        self, query: torch.Tensor, kv: ProducedKV, source: int, no_diagonal: bool, sliding: bool
+    ) -> torch.Tensor:
+        """One token's attention through the Triton decode kernel (RoPE and masks inside it)."""
+        cache = self.cache
+        batch, dim = query.shape[0], query.shape[-1]
+        cos, sin = self.query_cos.reshape(batch, dim), self.query_sin.reshape(batch, dim)
+        if cache.sink:
+            sink_keys, sink_cos, sink_sin = cache.sink_keys[cache.row(source)], self.sink_cos, self.sink_sin
+        else:  # nothing to rotate: any tensors of the right kind
+            sink_keys, sink_cos, sink_sin = kv.keys, cos, sin
+        return decode_kernel.decode_attention(
+            _fold_heads(query, self.groups).contiguous(), cos, sin, kv.keys, kv.values, sink_keys, sink_cos,
+            sink_sin, cache.token_index, self.query_index[:, 0], cache.sink, cache.window,
+            self.sliding_window if sliding else 0, no_diagonal,
+        )
 
     def _key_index(self) -> torch.Tensor:
         cache = self.cache
@@ -230,6 +260,13 @@ class ForwardContext:
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
         return torch.matmul(probs, kv.values)
+
+
+def uses_decode_kernel(cache: SinkWindowCache) -> bool:
+    """Whether one-token steps on this cache run the Triton decode kernel (CUDA with Triton;
+    LCKV_DECODE_KERNEL=0 turns it off)."""
+    return (decode_kernel.AVAILABLE and cache.device.type == "cuda"
+            and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
 
 
 DECODE_SPLIT = 64  # cache slots per partial softmax in the compiled decode attention

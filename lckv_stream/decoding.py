@@ -13,6 +13,13 @@ from typing import Iterator
 import torch
 
 from .cache import SinkWindowCache
+from .fusion import fuse_projections
+
+
+# TorchInductor options of the compiled step. With coordinate-descent tuning on, Inductor writes a
+# one-row matrix product (batch 1) as a reduction it fuses with the norm before it and the activation
+# after: fewer, fuller kernels than one cuBLAS call per projection (measured in bench/RESULTS.md).
+COMPILE_OPTIONS: dict = {"coordinate_descent_tuning": True}
 
 
 class EagerDecoder:
@@ -42,13 +49,17 @@ class GraphDecoder(EagerDecoder):
     reduction kernels of every layer), then captured: the graph replays the fused kernels.
     """
 
-    def __init__(self, model, cache: SinkWindowCache, warmup: int = 3, compile: bool = False) -> None:
+    def __init__(
+        self, model, cache: SinkWindowCache, warmup: int = 3, compile: bool = False,
+        compile_options: dict | None = None,
+    ) -> None:
         super().__init__(model, cache)
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
         self.name = "cuda-graph + compile" if compile else "cuda-graph"
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
-        step = torch.compile(self._run, fullgraph=True, dynamic=False) if compile else self._run
+        options = COMPILE_OPTIONS if compile_options is None else compile_options
+        step = torch.compile(self._run, fullgraph=True, dynamic=False, options=options) if compile else self._run
         self.ungraphed_step = step  # the same step run without the graph (profiling)
         saved = cache.snapshot()  # warm-up and capture run real steps: put the state back afterwards
         try:
@@ -86,6 +97,7 @@ def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compi
         compile = os.environ.get("LCKV_COMPILE", "1") != "0"
     if not (prefer_graph and cache.device.type == "cuda"):
         return EagerDecoder(model, cache)
+    fuse_projections(model)  # once per model: q/k/v and gate/up as one product each
     failures = []
     for compiled in (True, False) if compile else (False,):
         try:
