@@ -263,9 +263,9 @@ class ForwardContext:
 
 
 def uses_decode_kernel(cache: SinkWindowCache) -> bool:
-    """Whether one-token steps on this cache run the Triton decode kernel (CUDA with Triton;
-    LCKV_DECODE_KERNEL=0 turns it off)."""
-    return (decode_kernel.AVAILABLE and cache.device.type == "cuda"
+    """Whether one-token steps on this cache run the Triton decode kernel: a 16-bit cache on CUDA
+    with Triton. LCKV_DECODE_KERNEL=0 turns it off (read when a step is built or compiled)."""
+    return (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
             and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
 
 

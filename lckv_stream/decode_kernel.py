@@ -2,9 +2,10 @@
 
 Split-KV ("flash-decoding"): one program per (sequence, KV head, block of cache slots) rotates the
 query rows of that KV head (RoPE) and the sink keys of its block, scores the rows against the block,
-masks by stream index, and writes the block's softmax statistics and weighted values; a few tensor operations combine the blocks (under `torch.compile`
-they fuse into the next kernels). Reading each cached key and value once, in bf16, is what makes
-the step's cost track the cache size at memory bandwidth, for one sequence or many.
+masks by stream index, and writes the block's softmax statistics and weighted values; a few tensor
+operations combine the blocks (under `torch.compile` they fuse into the next kernels). Reading each
+cached key and value once, in the cache's 16-bit type, is what makes the step's cost track the cache
+size at memory bandwidth, for one sequence or many.
 
 The kernel is registered as a `torch.library.triton_op`, so a compiled step calls it inside the
 CUDA graph. Without Triton (CPU wheels of torch) `AVAILABLE` is False and callers use the
@@ -24,6 +25,7 @@ except ImportError:  # CPU-only installs
 else:
     AVAILABLE = True
 
+HALF_TYPES = (torch.bfloat16, torch.float16)  # cache types the kernel reads (matrix units)
 
 
 def block_slots(batch: int, kv_heads: int, capacity: int) -> int:
@@ -67,12 +69,6 @@ if AVAILABLE:
         row = tl.arange(0, ROWS)
         slots = block * BLOCK + tl.arange(0, BLOCK)
         dims = tl.arange(0, DIM)
-        # The query rows of this KV head, rotated at the query's stream index (rows padded to 16 for
-        # the matrix units).
-        q_cos = tl.load(query_cos + b * DIM + dims)[None, :]
-        q_sin = tl.load(query_sin + b * DIM + dims)[None, :]
-        q = _rotate(query, b * q_batch + h * q_head + row[:, None] * q_row, dims, q_cos, q_sin,
-                    (row < rows)[:, None], DIM // 2).to(tl.bfloat16)
         in_cache = slots < capacity
         k = tl.load(keys + b * k_batch + h * k_head + slots[:, None] * k_slot + dims[None, :],
                     mask=(in_cache & (slots >= sink))[:, None], other=0.0)
@@ -87,6 +83,12 @@ if AVAILABLE:
             k = (k.to(tl.float32) + rotated).to(k.dtype)
         v = tl.load(values + b * v_batch + h * v_head + slots[:, None] * v_slot + dims[None, :],
                     mask=in_cache[:, None], other=0.0)
+        # The query rows of this KV head, rotated at the query's stream index (rows padded to 16 for
+        # the matrix units).
+        q_cos = tl.load(query_cos + b * DIM + dims)[None, :]
+        q_sin = tl.load(query_sin + b * DIM + dims)[None, :]
+        q = _rotate(query, b * q_batch + h * q_head + row[:, None] * q_row, dims, q_cos, q_sin,
+                    (row < rows)[:, None], DIM // 2).to(k.dtype)
         t = tl.load(query_index + b)
         key = tl.load(token_index + b * t_batch + slots, mask=in_cache, other=-1)
         if NO_DIAGONAL:
@@ -96,12 +98,12 @@ if AVAILABLE:
         visible = visible & ((key < sink) | (key > t - window))
         if SLIDING:
             visible = visible & (key > t - sliding_window)
-        scores = tl.dot(q, tl.trans(k.to(tl.bfloat16))) * scale  # [ROWS, BLOCK]
+        scores = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK]
         scores = tl.where(visible[None, :], scores, float("-inf"))
         # A block with no visible slot keeps a finite max, so its weights are exp(-inf) = 0.
         top = tl.maximum(tl.max(scores, axis=1), -1e30)
         weights = tl.exp(scores - top[:, None])
-        out = tl.dot(weights.to(tl.bfloat16), v.to(tl.bfloat16))  # [ROWS, DIM]
+        out = tl.dot(weights.to(v.dtype), v)  # [ROWS, DIM]
         out_row = ((b * heads + h) * blocks + block) * rows + row
         keep = row < rows
         tl.store(block_max + out_row, top, mask=keep)
@@ -129,7 +131,7 @@ if AVAILABLE:
         """Attention of raw (un-rotated) query rows [b, kv_heads, rows, dim] over a layer's cache.
 
         query_cos/sin: [b, dim] at the query's stream index; keys, values: [b, kv_heads, capacity,
-        dim] (window keys rotated); sink_keys: [b, kv_heads, sink, dim] un-rotated, with sink_cos/sin
+        dim] in bf16 or fp16 (window keys rotated); sink_keys: [b, kv_heads, sink, dim] un-rotated, with sink_cos/sin
         [b, sink, dim] at their positions in the cache frame (any tensors when sink is 0);
         token_index: [b, capacity] stream index per slot (-1 empty); query_index: [b]. Rows that see
         no key get zeros. `block`: slots per program (0: chosen by `block_slots`).
@@ -138,8 +140,8 @@ if AVAILABLE:
         capacity = keys.shape[2]
         block = block or block_slots(b, heads, capacity)
         blocks = triton.cdiv(capacity, block)
-        stats = query.new_empty((b, heads, blocks, rows), dtype=torch.float32)
-        block_max, block_sum = stats, torch.empty_like(stats)
+        block_max = query.new_empty((b, heads, blocks, rows), dtype=torch.float32)
+        block_sum = torch.empty_like(block_max)
         block_out = query.new_empty((b, heads, blocks, rows, dim), dtype=torch.float32)
         wrap_triton(_attend_blocks)[(b, heads, blocks)](
             query, query_cos, query_sin, keys, values, sink_keys, sink_cos, sink_sin, token_index, query_index,
