@@ -85,6 +85,7 @@ class ForwardContext:
     sink_sin: torch.Tensor | None = None
     produced: dict[int, ProducedKV] = field(default_factory=dict)
     _masks: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _sink_plan: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def build(
@@ -243,23 +244,34 @@ class ForwardContext:
     ) -> torch.Tensor:
         """Attention where sink columns are scored in each query's own cache frame."""
         cache = self.cache
-        capacity, sink = cache.capacity, cache.sink
-        new_sinks = min(sink, self.steps)
-        columns = torch.cat((torch.arange(sink), capacity + torch.arange(new_sinks))).to(query.device)
-        # Sink keys rotated at their own index s (the query is rotated at t - shift(t)).
-        cos, sin = self.rope(torch.arange(sink, device=query.device).unsqueeze(0), self.dtype)
+        columns, is_sink, cos, sin = self._sink_columns()
         kv = self.produced[source]
+        # Sink keys rotated at their own index s (the query is rotated at t - shift(t)).
         cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
-        sink_keys = torch.cat((cached_sinks, kv.new_keys[:, :, :new_sinks]), dim=2)
+        sink_keys = torch.cat((cached_sinks, kv.new_keys[:, :, : columns.numel() - cache.sink]), dim=2)
         scale = query.shape[-1] ** -0.5
         scores = torch.matmul(query, kv.keys.transpose(-1, -2)) * scale
         sink_scores = torch.matmul(sink_query, sink_keys.transpose(-1, -2)) * scale
-        column_index = self._key_index()[:, columns]
-        is_sink = ((column_index >= 0) & (column_index < sink)).view(column_index.shape[0], 1, 1, -1)
         scores[..., columns] = torch.where(is_sink, sink_scores, scores[..., columns])
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
         return torch.matmul(probs, kv.values)
+
+    def _sink_columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For re-scoring, once per call: the key columns that may hold a sink (the cached sink slots,
+        then the new tokens that are sinks), whether each does [batch, 1, 1, columns], and the RoPE
+        of the sinks at their own index. Built on the device: no host round trip per layer."""
+        if self._sink_plan is None:
+            cache = self.cache
+            device = self.query_index.device
+            new_sinks = min(cache.sink, self.steps)
+            columns = torch.cat((torch.arange(cache.sink, device=device),
+                                 torch.arange(cache.capacity, cache.capacity + new_sinks, device=device)))
+            column_index = self._key_index()[:, columns]
+            is_sink = ((column_index >= 0) & (column_index < cache.sink)).unsqueeze(1).unsqueeze(1)
+            cos, sin = self.rope(torch.arange(cache.sink, device=device).unsqueeze(0), self.dtype)
+            self._sink_plan = (columns, is_sink, cos, sin)
+        return self._sink_plan
 
 
 def uses_decode_kernel(cache: SinkWindowCache) -> bool:
