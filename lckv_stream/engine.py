@@ -300,9 +300,10 @@ class ChatSession:
                 token = sample_next(
                     logits, sampling, self._generator, cache.token_ids[:1], cache.token_index[:1] >= 0
                 )
-                token_id = int(token[0])
                 # Feed the token before showing it: whatever stops the stream, cache == transcript.
+                # The step is queued before the id is read, so the GPU never waits for the host.
                 logits = self._decoder.step(token)
+                token_id = int(token[0])
                 generated.append(token_id)
                 self._extend_last_segment([token_id])
                 synchronize(device)

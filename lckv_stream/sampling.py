@@ -49,6 +49,36 @@ def penalize_repeats(logits: torch.Tensor, previous: torch.Tensor, held: torch.T
     return torch.where(counts > 0, penalized, logits)
 
 
+def next_token_distribution(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    previous: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities [batch, n] over candidate tokens and their ids [batch, n] (None: n is the whole
+    vocabulary, in order). Needs temperature > 0.
+
+    With top_k, only the k best logits are kept (`topk` returns them sorted), so top-p works on k
+    sorted values instead of sorting the whole vocabulary, and the draw is among k tokens.
+    """
+    logits = logits.float()
+    if previous is not None and settings.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, previous, held, settings.repetition_penalty)
+    logits = logits / settings.temperature
+    if settings.top_k:
+        logits, ids = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1)
+    elif settings.top_p < 1.0:
+        logits, ids = torch.sort(logits, descending=True, dim=-1)
+    else:
+        return torch.softmax(logits, dim=-1), None
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p < 1.0:
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= settings.top_p, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs, ids
+
+
 def sample_next(
     logits: torch.Tensor,
     settings: SamplingSettings,
@@ -57,20 +87,10 @@ def sample_next(
     held: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token ids [batch] from logits [batch, vocab]."""
-    logits = logits.float()
-    if previous is not None and settings.repetition_penalty != 1.0:
-        logits = penalize_repeats(logits, previous, held, settings.repetition_penalty)
     if settings.temperature == 0:
+        if previous is not None and settings.repetition_penalty != 1.0:
+            logits = penalize_repeats(logits.float(), previous, held, settings.repetition_penalty)
         return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
-    if settings.top_k:
-        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if settings.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop = probs.cumsum(dim=-1) - probs >= settings.top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    probs, ids = next_token_distribution(logits, settings, previous, held)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
