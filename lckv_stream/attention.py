@@ -116,7 +116,9 @@ class ForwardContext:
             context._refresh_sink_keys(context.shift[:, -1])
         if steps == 1:
             context.slot = cache.claim_next_slot(input_ids)
-        elif cache.sink > 0 and bool((context.shift[:, 0] != context.shift[:, -1]).any()):
+        elif cache.sink > 0 and (_capturing(input_ids) or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
+            # Re-score sink columns per query when the call overflows the cache; a captured call
+            # always does (it is exact either way, and the check would need the host).
             context.sink_query_cos, context.sink_query_sin = rope(query_index - context.shift, dtype)
         return context
 
@@ -272,6 +274,11 @@ class ForwardContext:
             cos, sin = self.rope(torch.arange(cache.sink, device=device).unsqueeze(0), self.dtype)
             self._sink_plan = (columns, is_sink, cos, sin)
         return self._sink_plan
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether this call is being captured in a CUDA graph (no host sync may happen)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def uses_decode_kernel(cache: SinkWindowCache) -> bool:

@@ -178,6 +178,9 @@ class SinkWindowCache:
                     token_ids: torch.Tensor) -> None:
         """Append T tokens for every producer: [producers, batch, kv_heads, T, dim]; token_ids [batch, T]."""
         steps = token_ids.shape[1]
+        if steps <= self.window:
+            self._write_short_chunk(keys, raw_keys, values, token_ids)
+            return
         for row, start in enumerate(self.seen.tolist()):
             index = torch.arange(start, start + steps, device=self.device)
             # Only the sinks and the last `window` tokens of the chunk survive; skip the rest so that no
@@ -195,6 +198,29 @@ class SinkWindowCache:
                     self.sink_keys[layer][row, :, kept[sinks]] = raw_keys[layer, row, :, offsets[sinks]]
             self.token_index[row, slots] = kept
             self.token_ids[row, slots] = token_ids[row, offsets]
+        self.seen += steps
+
+    def _write_short_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
+                           token_ids: torch.Tensor) -> None:
+        """write_chunk for T <= window: the T new tokens land in T distinct slots, so each buffer is
+        written by one scatter on the device, with no host sync (a CUDA graph can capture it)."""
+        steps = token_ids.shape[1]
+        index = self.seen.view(-1, 1) + torch.arange(steps, device=self.device)  # [batch, T]
+        slots = self.slot_of(index)
+        at = (self._batch_rows.view(-1, 1, 1), self._heads.view(1, -1, 1), slots.unsqueeze(1))  # [b, h, T]
+        for layer in range(len(self.producers)):
+            self.keys[layer].index_put_(at, keys[layer])
+            self.values[layer].index_put_(at, values[layer])
+        if self.sink:
+            # Sink s takes the raw key of the chunk's token with index s, where the chunk holds it.
+            offset = self._sink_slots.view(1, -1) - self.seen.view(-1, 1)  # [batch, sink]
+            holds = ((offset >= 0) & (offset < steps)).unsqueeze(1).unsqueeze(-1)
+            batch, heads, _, dim = self.sink_keys[0].shape
+            pick = offset.clamp(0, steps - 1).view(batch, 1, self.sink, 1).expand(batch, heads, self.sink, dim)
+            for layer, sink_keys in enumerate(self.sink_keys):
+                sink_keys.copy_(torch.where(holds, raw_keys[layer].gather(2, pick), sink_keys))
+        self.token_index.scatter_(1, slots, index)
+        self.token_ids.scatter_(1, slots, token_ids)
         self.seen += steps
 
     # ---- state --------------------------------------------------------------------------------

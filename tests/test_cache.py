@@ -28,6 +28,24 @@ def test_streaming_matches_the_slow_reference(layer_types, sink, window):
     assert expected_held == expected_set
 
 
+@pytest.mark.parametrize("layer_types", MAPS)
+def test_chunks_encoded_as_a_captured_call_would_match_the_reference(layer_types, monkeypatch):
+    """A call captured in a CUDA graph re-scores the sink columns whether or not the chunk overflows
+    the cache (the check would need the host); that path alone must give the same logits."""
+    from lckv_stream import attention
+
+    monkeypatch.setattr(attention, "_capturing", lambda tensor: True)
+    model = tiny_model(layer_types, sliding_window=3)
+    ids = torch.randint(0, 300, (22,)).tolist()
+    expected, expected_held = streaming_logits(model, ids, 4, 5)
+    with torch.no_grad():
+        cache = model.new_cache(4, 5)
+        chunked = torch.cat([model(torch.tensor([part]), cache, forward_passes=22).logits[0]
+                             for part in (ids[:2], ids[2:4], ids[4:9], ids[9:12], ids[12:17], ids[17:])])
+    assert (chunked - expected).abs().max() < 1e-5
+    assert cache.held_indices() == expected_held
+
+
 @pytest.mark.parametrize("layer_types", MAPS[:3])
 def test_a_cache_larger_than_the_text_equals_the_unbounded_forward(layer_types):
     model = tiny_model(layer_types)
