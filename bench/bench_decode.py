@@ -10,7 +10,8 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
 Ours use the engine's default cache (sink + window of `CacheSettings`) and, on CUDA, the Triton
 decode-attention kernel (LCKV_DECODE_KERNEL=0: the portable attention instead).
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
-context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens.
+context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens
+(eager prefill for (a) and (c), prefill chunks replayed as CUDA graphs for (d)).
 Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
 
     python bench/bench_decode.py --out bench/results/decode
@@ -156,7 +157,9 @@ def ours(model, length: int, steps: int, graph: bool, batch: int = 1, compile: b
 
 @torch.inference_mode()
 def ttft(prefill_and_first, repeats: int = 5) -> float:
-    """ms from a 100-token turn's arrival to its first token, after 1,024 tokens of conversation."""
+    """ms from a 100-token turn's arrival to its first token, after 1,024 tokens of conversation
+    (median of `repeats`, after one untimed run that captures or loads what the first one needs)."""
+    prefill_and_first()()
     times = []
     for _ in range(repeats):
         setup = prefill_and_first()
@@ -177,10 +180,10 @@ def ttft_hf(model):
     return ttft(prepare)
 
 
-def ttft_ours(model):
-    """Prefill is eager in both of our variants (its shapes vary); the graph serves the steps after."""
+def ttft_ours(model, prefill_graphs: bool = False):
+    """Eager prefill, or chunks of fixed sizes replayed as CUDA graphs (`GraphDecoder(prefill_graphs=True)`)."""
     cache = model.new_cache(SINK, WINDOW)
-    decoder = EagerDecoder(model, cache)
+    decoder = GraphDecoder(model, cache, prefill_graphs=True) if prefill_graphs else EagerDecoder(model, cache)
 
     def prepare():
         cache.reset()
@@ -232,6 +235,8 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         result["ttft_ms"] = ttft_hf(model)
     if name == "c_ours_eager":
         result["ttft_ms"] = ttft_ours(model)
+    if name == "d_ours_graph":
+        result["ttft_ms"] = ttft_ours(model, prefill_graphs=True)
     if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph"):
         result["batch"] = {}
         for batch in batches:
@@ -279,7 +284,7 @@ def print_table(folder: Path) -> None:
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
     lengths = sorted({int(n) for r in results for n in r.get("latency", {})})
     batches = sorted({int(b) for r in results for b in r.get("batch", {})})
-    header = ["variant", *(f"{n:,} ms" for n in lengths), "KV MB", *(f"tok/s x{b}" for b in batches)]
+    header = ["variant", *(f"{n:,} ms" for n in lengths), "KV MB", "TTFT ms", *(f"tok/s x{b}" for b in batches)]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in results:
         if "error" in r:
@@ -290,7 +295,8 @@ def print_table(folder: Path) -> None:
         kv = next((row["kv_mb"] for row in rows.values() if row), float("nan"))
         throughput = [f"{r['batch'][str(b)]['tokens_per_s']:,.0f}" if str(b) in r.get("batch", {}) else ""
                       for b in batches]
-        print("| " + " | ".join([r["variant"], *cells, f"{kv:.1f}", *throughput]) + " |")
+        first = f"{r['ttft_ms']:.1f}" if "ttft_ms" in r else ""
+        print("| " + " | ".join([r["variant"], *cells, f"{kv:.1f}", first, *throughput]) + " |")
 
 
 if __name__ == "__main__":

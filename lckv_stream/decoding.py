@@ -42,8 +42,14 @@ class EagerDecoder:
         return self.model(token_ids.view(-1, 1), self.cache, logits_to_keep=1).logits[:, -1]
 
 
+# Chunk sizes whose prefill is captured in a CUDA graph (with `prefill_graphs`): a turn is encoded
+# as the largest of these that fit, the last few tokens through the one-token step.
+PREFILL_GRAPH_SIZES = (256, 64, 16, 4)
+
+
 class GraphDecoder(EagerDecoder):
-    """The one-token step captured in a CUDA graph; prefill stays eager (its shapes vary).
+    """The one-token step captured in a CUDA graph; prefill eager, or (`prefill_graphs`) cut into
+    chunks of fixed sizes, each size captured on first use.
 
     With `compile=True` the step is first compiled (TorchInductor fuses the small elementwise and
     reduction kernels of every layer), then captured: the graph replays the fused kernels.
@@ -51,12 +57,16 @@ class GraphDecoder(EagerDecoder):
 
     def __init__(
         self, model, cache: SinkWindowCache, warmup: int = 3, compile: bool = False,
-        compile_options: dict | None = None,
+        compile_options: dict | None = None, prefill_graphs: bool = False,
     ) -> None:
         super().__init__(model, cache)
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
         self.name = "cuda-graph + compile" if compile else "cuda-graph"
+        # Chunks up to the window only: their tokens land in distinct slots (no host sync needed).
+        self._prefill_sizes = tuple(size for size in PREFILL_GRAPH_SIZES if size <= cache.window)
+        self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
+        self._pool = None  # one memory pool for the prefill graphs: they never run at the same time
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         options = COMPILE_OPTIONS if compile_options is None else compile_options
         step = torch.compile(self._run, fullgraph=True, dynamic=False, options=options) if compile else self._run
@@ -85,23 +95,72 @@ class GraphDecoder(EagerDecoder):
         self._graph.replay()
         return self._logits
 
+    @torch.inference_mode()
+    def prefill(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self._prefill_graphs is None:
+            return super().prefill(token_ids)
+        start, total = 0, token_ids.shape[1]
+        while start < total:
+            size = next((size for size in self._prefill_sizes if size <= total - start), 1)
+            piece = token_ids[:, start : start + size]
+            logits = self.step(piece[:, 0]) if size == 1 else self._replay_prefill(piece)
+            if logits is None:  # capture failed: eager from here on
+                return super().prefill(token_ids[:, start:])
+            start += size
+        return logits.clone()  # the graphs' output buffers are overwritten by the next replay
+
+    def _replay_prefill(self, piece: torch.Tensor) -> torch.Tensor | None:
+        size = piece.shape[1]
+        if size not in self._prefill_graphs:
+            try:
+                self._prefill_graphs[size] = self._capture_prefill(size)
+            except Exception as error:  # capture fails in many ways; eager prefill still works
+                self._prefill_graphs = None
+                self.name += f" (prefill graph failed: {str(error)[:80]})"
+                return None
+        tokens, graph, logits = self._prefill_graphs[size]
+        tokens.copy_(piece)
+        graph.replay()
+        return logits
+
+    def _capture_prefill(self, size: int) -> tuple:
+        cache = self.cache
+        tokens = torch.zeros(cache.batch_size, size, dtype=torch.long, device=cache.device)
+        run = lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1]  # noqa: E731
+        saved = cache.snapshot()  # warm-up and capture run real calls: put the state back afterwards
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = run()
+        finally:
+            cache.restore(saved)
+        return tokens, graph, logits
+
 
 def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compile: bool | None = None):
     """The fastest decoder that works here: compiled + CUDA graph, CUDA graph, or eager (CPU).
 
     Compiling takes about a minute per cache shape on first use (then it is cached on disk);
-    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off). Its `name` says which decoder
-    it is, and why a faster one was not used.
+    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); LCKV_PREFILL_GRAPHS=1 also
+    captures the prefill (off by default until measured). Its `name` says which decoder it is, and
+    why a faster one was not used.
     """
     if compile is None:
         compile = os.environ.get("LCKV_COMPILE", "1") != "0"
     if not (prefer_graph and cache.device.type == "cuda"):
         return EagerDecoder(model, cache)
     fuse_projections(model)  # once per model: q/k/v and gate/up as one product each
+    prefill_graphs = os.environ.get("LCKV_PREFILL_GRAPHS", "0") == "1"
     failures = []
     for compiled in (True, False) if compile else (False,):
         try:
-            decoder = GraphDecoder(model, cache, compile=compiled)
+            decoder = GraphDecoder(model, cache, compile=compiled, prefill_graphs=prefill_graphs)
         except Exception as error:  # compilers and capture fail in many ways; a slower path still works
             failures.append(f"{'compile' if compiled else 'graph capture'} failed: {str(error)[:80]}")
             continue
