@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,26 @@ def main() -> None:
             print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
             save(rows, chat, args)  # partial results survive a run cut short
     plot(rows, args.out / "soak.png")
+    print(flatness_table(rows))
+
+
+def flatness_table(rows: list[dict], block: int = 500) -> str:
+    """Per block of turns: median per-token latency and memory, each against the whole run (the
+    targets: latency within ±10%, memory within ±1%)."""
+    def median(values):
+        return statistics.median(values) if values else float("nan")
+
+    latency = median([r["decode_ms"] for r in rows if r["decode_ms"]])
+    lines = [f"overall median latency {latency:.3f} ms/token",
+             "| turns | median ms/token | vs overall | cache MB min-max | GPU MB min-max |", "|---|---|---|---|---|"]
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        ms = median([r["decode_ms"] for r in part if r["decode_ms"]])
+        cache = [r["cache_mb"] for r in part]
+        gpu = [r["gpu_mb"] for r in part]
+        lines.append(f"| {start + 1}-{start + len(part)} | {ms:.3f} | {100 * (ms / latency - 1):+.1f}% | "
+                     f"{min(cache):.2f}-{max(cache):.2f} | {min(gpu):.1f}-{max(gpu):.1f} |")
+    return "\n".join(lines)
 
 
 def save(rows: list[dict], chat: ChatSession, args: argparse.Namespace) -> None:
