@@ -71,20 +71,8 @@ class GraphDecoder(EagerDecoder):
         options = COMPILE_OPTIONS if compile_options is None else compile_options
         step = torch.compile(self._run, fullgraph=True, dynamic=False, options=options) if compile else self._run
         self.ungraphed_step = step  # the same step run without the graph (profiling)
-        saved = cache.snapshot()  # warm-up and capture run real steps: put the state back afterwards
-        try:
-            with torch.inference_mode():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(warmup):
-                        step()
-                torch.cuda.current_stream().wait_stream(side)
-                self._graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self._graph):
-                    self._logits = step()
-        finally:
-            cache.restore(saved)
+        with torch.inference_mode():
+            self._graph, self._logits = _capture(step, cache, warmup)
 
     def _run(self) -> torch.Tensor:
         return self.model(self._tokens, self.cache, logits_to_keep=1).logits[:, -1]
@@ -126,27 +114,35 @@ class GraphDecoder(EagerDecoder):
     def _capture_prefill(self, size: int) -> tuple:
         cache = self.cache
         tokens = torch.zeros(cache.batch_size, size, dtype=torch.long, device=cache.device)
-        run = lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1]  # noqa: E731
-        saved = cache.snapshot()  # warm-up and capture run real calls: put the state back afterwards
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = run()
-        finally:
-            cache.restore(saved)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        graph, logits = _capture(lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1], cache,
+                                 warmup=1, pool=self._pool)
         return tokens, graph, logits
+
+
+def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`run` warmed up on a side stream, then captured in a CUDA graph; returns the graph and its
+    output. Warm-up and capture run real calls on the cache: its state is put back afterwards."""
+    saved = cache.snapshot()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = run()
+    finally:
+        cache.restore(saved)
+    return graph, output
 
 
 def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compile: bool | None = None):
     """The fastest decoder that works here: compiled + CUDA graph, CUDA graph, or eager (CPU).
 
-    Compiling takes about a minute per cache shape on first use (then it is cached on disk);
+    Compiling takes about two minutes per cache shape on first use (then it is cached on disk);
     `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); LCKV_PREFILL_GRAPHS=1 also
     captures the prefill (off by default until measured). Its `name` says which decoder it is, and
     why a faster one was not used.
