@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks that fit one 10-minute call each on a lent H100 (no model files needed: random weights).
+#
+#   tests : every GPU test (kernel against a float64 reference, kernel steps against SDPA, graph and
+#           compiled step against eager, prefill graphs against eager prefill); about 6 minutes
+#   speed : the sampler on the GPU, and time to first token with eager prefill (c) against prefill
+#           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-bench/results}/gpu_checks
+case "${1:-}" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py 2>&1 | grep -v Warning
+    ;;
+  speed)
+    mkdir -p "$out"
+    python3 bench/bench_sampling.py --device cuda | tee "$out/sampling.txt"
+    python3 bench/bench_decode.py --out "$out/ttft" --variants c_ours_eager d_ours_graph --lengths 1024 --batches 1
+    ;;
+  *)
+    echo "usage: bash bench/gpu_checks.sh tests|speed" >&2
+    exit 2
+    ;;
+esac
