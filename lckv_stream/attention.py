@@ -110,8 +110,7 @@ class ForwardContext:
         if steps == 1 and uses_decode_kernel(cache):
             # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
             context.decode_kernel = True
-            positions = torch.arange(cache.sink, device=input_ids.device) + context.shift[:, -1:]
-            context.sink_cos, context.sink_sin = rope(positions, dtype)
+            context.sink_cos, context.sink_sin = context._sink_rope(context.shift[:, -1])
         else:
             context._refresh_sink_keys(context.shift[:, -1])
         if steps == 1:
@@ -127,13 +126,17 @@ class ForwardContext:
         cache = self.cache
         if cache.sink == 0:
             return
-        positions = torch.arange(cache.sink, device=shift.device) + shift.unsqueeze(1)  # [batch, sink]
-        cos, sin = self.rope(positions, self.dtype)
+        cos, sin = self._sink_rope(shift)
         stacked = torch.stack(cache.sink_keys)  # [producers, batch, kv_heads, sink, dim]
         p, b, h, s, d = stacked.shape
         raw = stacked.transpose(0, 1).reshape(b, p * h, s, d)
         rotated = apply_rope(raw, cos, sin).reshape(b, p, h, s, d).transpose(0, 1)
         cache.write_rotated_sinks(rotated)
+
+    def _sink_rope(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [batch, sink, dim] at s + shift: the sinks' places in the newest query's cache frame."""
+        positions = torch.arange(self.cache.sink, device=shift.device) + shift.unsqueeze(1)
+        return self.rope(positions, self.dtype)
 
     # ---- producers' KV ------------------------------------------------------------------------
     def produce(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -49,6 +49,13 @@ def penalize_repeats(logits: torch.Tensor, previous: torch.Tensor, held: torch.T
     return torch.where(counts > 0, penalized, logits)
 
 
+def _penalized(logits: torch.Tensor, settings: SamplingSettings, previous: torch.Tensor | None,
+               held: torch.Tensor | None) -> torch.Tensor:
+    if previous is None or settings.repetition_penalty == 1.0:
+        return logits
+    return penalize_repeats(logits, previous, held, settings.repetition_penalty)
+
+
 def next_token_distribution(
     logits: torch.Tensor,
     settings: SamplingSettings,
@@ -61,10 +68,7 @@ def next_token_distribution(
     With top_k, only the k best logits are kept (`topk` returns them sorted), so top-p works on k
     sorted values instead of sorting the whole vocabulary, and the draw is among k tokens.
     """
-    logits = logits.float()
-    if previous is not None and settings.repetition_penalty != 1.0:
-        logits = penalize_repeats(logits, previous, held, settings.repetition_penalty)
-    logits = logits / settings.temperature
+    logits = _penalized(logits.float(), settings, previous, held) / settings.temperature
     if settings.top_k:
         logits, ids = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1)
     elif settings.top_p < 1.0:
@@ -88,9 +92,7 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token ids [batch] from logits [batch, vocab]."""
     if settings.temperature == 0:
-        if previous is not None and settings.repetition_penalty != 1.0:
-            logits = penalize_repeats(logits.float(), previous, held, settings.repetition_penalty)
-        return logits.argmax(dim=-1)
+        return _penalized(logits.float(), settings, previous, held).argmax(dim=-1)
     probs, ids = next_token_distribution(logits, settings, previous, held)
     choice = torch.multinomial(probs, 1, generator=generator)
     return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
