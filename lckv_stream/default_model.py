@@ -17,6 +17,8 @@ DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135
 
 def default_layer_types(delta: Path = DEFAULT_DELTA) -> str:
     """The shipped model's layer map (benchmarks build random-weight models of the same shape)."""
+    if not (Path(delta) / "config.json").is_file():
+        raise FileNotFoundError(f"no LCKV config at {delta}: the default model's folder is incomplete")
     return LCKVLlamaConfig.from_pretrained(delta).layer_types
 
 

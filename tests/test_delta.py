@@ -83,3 +83,14 @@ def test_a_shape_mismatch_is_named(tmp_path):
 def test_a_folder_without_manifest_is_named(tmp_path):
     with pytest.raises(DeltaError, match="delta.json is missing"):
         apply_delta(tiny_model(), tmp_path)
+
+
+def test_the_default_layer_map_is_the_shipped_config_and_a_missing_folder_says_so(tmp_path):
+    from lckv_stream.default_model import DEFAULT_DELTA, default_layer_types
+    from lckv_stream.layer_map import LayerMap
+
+    shipped = json.loads((DEFAULT_DELTA / "config.json").read_text())["layer_types"]
+    assert default_layer_types() == shipped
+    assert len(LayerMap.parse(shipped, 30).producers) == 21
+    with pytest.raises(FileNotFoundError, match="default model's folder is incomplete"):
+        default_layer_types(tmp_path)
