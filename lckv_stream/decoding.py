@@ -62,7 +62,7 @@ class GraphDecoder(EagerDecoder):
         super().__init__(model, cache)
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
-        self.name = "cuda-graph + compile" if compile else "cuda-graph"
+        self.name = ("cuda-graph + compile" if compile else "cuda-graph") + (", prefill graphs" if prefill_graphs else "")
         # Chunks up to the window only: their tokens land in distinct slots (no host sync needed).
         self._prefill_sizes = tuple(size for size in PREFILL_GRAPH_SIZES if size <= cache.window)
         self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
@@ -143,8 +143,8 @@ def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compi
     """The fastest decoder that works here: compiled + CUDA graph, CUDA graph, or eager (CPU).
 
     Compiling takes about two minutes per cache shape on first use (then it is cached on disk);
-    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); LCKV_PREFILL_GRAPHS=1 also
-    captures the prefill (off by default until measured). Its `name` says which decoder it is, and
+    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); prefill is encoded as chunks
+    replayed from CUDA graphs unless LCKV_PREFILL_GRAPHS=0. Its `name` says which decoder it is, and
     why a faster one was not used.
     """
     if compile is None:
@@ -152,7 +152,7 @@ def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compi
     if not (prefer_graph and cache.device.type == "cuda"):
         return EagerDecoder(model, cache)
     fuse_projections(model)  # once per model: q/k/v and gate/up as one product each
-    prefill_graphs = os.environ.get("LCKV_PREFILL_GRAPHS", "0") == "1"
+    prefill_graphs = os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0"
     failures = []
     for compiled in (True, False) if compile else (False,):
         try:

@@ -71,7 +71,7 @@ def test_compiled_step_follows_the_eager_logits_for_500_steps():
 def test_engine_uses_the_compiled_graph_on_cuda():
     model = smollm_shaped(cla_map(30, 2))
     decoder = make_decoder(model, model.new_cache(4, 252))  # the shapes compiled above: a cache hit
-    assert decoder.name == "cuda-graph + compile"
+    assert decoder.name == "cuda-graph + compile, prefill graphs"
 
 
 def cache_slots_after(seen: int, sink: int, window: int, batch: int) -> torch.Tensor:
