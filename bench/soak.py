@@ -45,6 +45,36 @@ def load(model_source: str, tokenizer_folder: str | None):
     return load_model(model_source, "cuda")
 
 
+class GpuStepTimer:
+    """Times every decode step's replay on the GPU with CUDA events (no host work in it), so that a
+    change in the engine's per-token latency can be told apart from a change in the GPU's work."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def attach(self, chat: ChatSession) -> None:
+        decoder = chat._decoder  # built on the first turn; rebuilt only when the cache shape changes
+        if decoder is None or getattr(decoder, "timed_by_soak", False):
+            return
+        step = decoder.step
+
+        def timed_step(token_ids: torch.Tensor) -> torch.Tensor:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            logits = step(token_ids)
+            end.record()
+            self._events.append((begin, end))
+            return logits
+
+        decoder.step, decoder.timed_by_soak = timed_step, True
+
+    def mean_ms(self) -> float | None:
+        """Mean GPU time of the steps since the last call (the engine has synchronized after each)."""
+        times = [begin.elapsed_time(end) for begin, end in self._events]
+        self._events.clear()
+        return sum(times) / len(times) if times else None
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -76,22 +106,27 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=1020)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--gpu-step-times", action="store_true",
+                        help="also record each turn's mean decode-step time on the GPU (CUDA events)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model, tokenizer = load(args.model, args.tokenizer)
     chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(args.sink, args.window), seed=0,
                        sampling=SamplingSettings(temperature=0.8, max_new_tokens=args.max_new_tokens))
+    timer = GpuStepTimer() if args.gpu_step_times else None
     rows = []
     began = time.time()
     for turn in range(args.turns):
         end = [e for e in chat.send(MESSAGES[turn % len(MESSAGES)]) if isinstance(e, TurnEnd)][0]
         stats = chat.stats()
+        if timer:
+            timer.attach(chat)
         rows.append({
             "turn": turn + 1, "decode_ms": end.metrics.decode_ms_per_token, "ttft_ms": end.metrics.ttft_ms,
             "new_tokens": end.metrics.new_tokens, "cache_mb": stats.cache.allocated_mb,
             "held": stats.cache.tokens_held, "conversation_tokens": stats.conversation_tokens,
             "dense_mb": stats.dense_bytes / 2**20, "gpu_mb": torch.cuda.memory_allocated() / 2**20,
-        })
+        } | ({"gpu_step_ms": timer.mean_ms()} if timer else {}))
         if (turn + 1) % 500 == 0 or turn + 1 == args.turns:
             print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
             save(rows, chat, args)  # partial results survive a run cut short
@@ -101,20 +136,28 @@ def main() -> None:
 
 def flatness_table(rows: list[dict], block: int = 500) -> str:
     """Per block of turns: median per-token latency and memory, each against the whole run (the
-    targets: latency within ±10%, memory within ±1%)."""
+    targets: latency within ±10%, memory within ±1%); with --gpu-step-times also the step's GPU time."""
     def median(values):
         return statistics.median(values) if values else float("nan")
 
     latency = median([r["decode_ms"] for r in rows if r["decode_ms"]])
-    lines = [f"overall median latency {latency:.3f} ms/token",
-             "| turns | median ms/token | vs overall | cache MB min-max | GPU MB min-max |", "|---|---|---|---|---|"]
+    timed = any(r.get("gpu_step_ms") for r in rows)
+    step = median([r["gpu_step_ms"] for r in rows if r.get("gpu_step_ms")]) if timed else None
+    lines = [f"overall median latency {latency:.3f} ms/token" + (f"; GPU step {step:.3f} ms" if timed else ""),
+             "| turns | median ms/token | vs overall | cache MB min-max | GPU MB min-max |"
+             + (" GPU step ms | vs overall |" if timed else ""),
+             "|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for start in range(0, len(rows), block):
         part = rows[start : start + block]
         ms = median([r["decode_ms"] for r in part if r["decode_ms"]])
         cache = [r["cache_mb"] for r in part]
         gpu = [r["gpu_mb"] for r in part]
-        lines.append(f"| {start + 1}-{start + len(part)} | {ms:.3f} | {100 * (ms / latency - 1):+.1f}% | "
-                     f"{min(cache):.2f}-{max(cache):.2f} | {min(gpu):.1f}-{max(gpu):.1f} |")
+        line = (f"| {start + 1}-{start + len(part)} | {ms:.3f} | {100 * (ms / latency - 1):+.1f}% | "
+                f"{min(cache):.2f}-{max(cache):.2f} | {min(gpu):.1f}-{max(gpu):.1f} |")
+        if timed:
+            part_step = median([r["gpu_step_ms"] for r in part if r.get("gpu_step_ms")])
+            line += f" {part_step:.3f} | {100 * (part_step / step - 1):+.1f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 
