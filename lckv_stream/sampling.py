@@ -92,7 +92,32 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token ids [batch] from logits [batch, vocab]."""
     if settings.temperature == 0:
+        return sample_with_noise(logits, settings, None, previous, held)
+    noise = torch.empty(logits.shape[0], candidate_count(settings, logits.shape[-1]), device=logits.device)
+    return sample_with_noise(logits, settings, noise.exponential_(generator=generator), previous, held)
+
+
+def candidate_count(settings: SamplingSettings, vocab_size: int) -> int:
+    """Width of `next_token_distribution`'s output: the top_k candidates, or the whole vocabulary."""
+    return min(settings.top_k, vocab_size) if settings.top_k else vocab_size
+
+
+def sample_with_noise(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    noise: torch.Tensor | None,
+    previous: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sample_next` given its random numbers: noise [batch, candidate_count] of Exp(1) draws (unused
+    when greedy). With the noise drawn apart, every kernel here has fixed shapes and no randomness of
+    its own, so a CUDA graph can replay it.
+
+    The token is the argmax of probs / noise: with i.i.d. exponential noise that is an exact draw
+    from probs, and a zero probability never wins.
+    """
+    if settings.temperature == 0:
         return _penalized(logits.float(), settings, previous, held).argmax(dim=-1)
     probs, ids = next_token_distribution(logits, settings, previous, held)
-    choice = torch.multinomial(probs, 1, generator=generator)
+    choice = (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(1, choice)).squeeze(1)

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from lckv_stream.sampling import SamplingSettings, next_token_distribution, penalize_repeats, sample_next
+from lckv_stream.sampling import (
+    SamplingSettings,
+    candidate_count,
+    next_token_distribution,
+    penalize_repeats,
+    sample_next,
+    sample_with_noise,
+)
 
 
 def reference_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
@@ -57,3 +64,24 @@ def test_greedy_takes_the_penalized_argmax():
     assert int(sample_next(logits, settings, previous=seen, held=held)[0]) == 2
     assert int(sample_next(logits, settings)[0]) == 1
     assert torch.equal(penalize_repeats(logits, seen, held, 1.2)[0, 1], torch.tensor(5.0 / 1.2))
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_a_token_cut_by_top_p_is_never_drawn_even_with_zero_noise(top_k):
+    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, -2.0, 3.8]])
+    settings = SamplingSettings(temperature=1.0, top_k=top_k, top_p=0.5, repetition_penalty=1.0)
+    generator = torch.Generator().manual_seed(1)
+    draws = sample_next(logits.expand(5000, -1), settings, generator)
+    allowed = set(reference_probs(logits[0], settings).nonzero().flatten().tolist())
+    assert set(draws.tolist()) == allowed == {0, 1}
+    probs, ids = next_token_distribution(logits, settings)
+    zero_noise = torch.zeros_like(probs)  # every ratio infinite or undefined without the clamp
+    assert int(sample_with_noise(logits, settings, zero_noise)[0]) in allowed
+
+
+def test_the_same_noise_gives_the_same_token():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2)) * 2
+    settings = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.0)
+    first = sample_next(logits, settings, torch.Generator().manual_seed(5))
+    noise = torch.empty(4, candidate_count(settings, 300)).exponential_(generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sample_with_noise(logits, settings, noise), first)
