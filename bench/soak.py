@@ -45,9 +45,10 @@ def load(model_source: str, tokenizer_folder: str | None):
     return load_model(model_source, "cuda")
 
 
-class GpuStepTimer:
-    """Times every decode step's replay on the GPU with CUDA events (no host work in it), so that a
-    change in the engine's per-token latency can be told apart from a change in the GPU's work."""
+class GpuTokenTimer:
+    """Times each token's GPU work (sampling and the decode step, as the engine queues them) with CUDA
+    events, no host work in it, so that a change in the engine's per-token latency can be told apart
+    from a change in the GPU's work."""
 
     def __init__(self) -> None:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -56,20 +57,20 @@ class GpuStepTimer:
         decoder = chat._decoder  # built on the first turn; rebuilt only when the cache shape changes
         if decoder is None or getattr(decoder, "timed_by_soak", False):
             return
-        step = decoder.step
+        sample_and_step = decoder.sample_and_step
 
-        def timed_step(token_ids: torch.Tensor) -> torch.Tensor:
+        def timed(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            logits = step(token_ids)
+            result = sample_and_step(*args, **kwargs)
             end.record()
             self._events.append((begin, end))
-            return logits
+            return result
 
-        decoder.step, decoder.timed_by_soak = timed_step, True
+        decoder.sample_and_step, decoder.timed_by_soak = timed, True
 
     def mean_ms(self) -> float | None:
-        """Mean GPU time of the steps since the last call (the engine has synchronized after each)."""
+        """Mean GPU time per token since the last call (the engine has synchronized after each)."""
         times = [begin.elapsed_time(end) for begin, end in self._events]
         self._events.clear()
         return sum(times) / len(times) if times else None
@@ -106,14 +107,14 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=1020)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--gpu-step-times", action="store_true",
-                        help="also record each turn's mean decode-step time on the GPU (CUDA events)")
+    parser.add_argument("--gpu-token-times", action="store_true",
+                        help="also record each turn's mean GPU time per token, sampling and step (CUDA events)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model, tokenizer = load(args.model, args.tokenizer)
     chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(args.sink, args.window), seed=0,
                        sampling=SamplingSettings(temperature=0.8, max_new_tokens=args.max_new_tokens))
-    timer = GpuStepTimer() if args.gpu_step_times else None
+    timer = GpuTokenTimer() if args.gpu_token_times else None
     rows = []
     began = time.time()
     for turn in range(args.turns):
@@ -126,7 +127,7 @@ def main() -> None:
             "new_tokens": end.metrics.new_tokens, "cache_mb": stats.cache.allocated_mb,
             "held": stats.cache.tokens_held, "conversation_tokens": stats.conversation_tokens,
             "dense_mb": stats.dense_bytes / 2**20, "gpu_mb": torch.cuda.memory_allocated() / 2**20,
-        } | ({"gpu_step_ms": timer.mean_ms()} if timer else {}))
+        } | ({"gpu_token_ms": timer.mean_ms()} if timer else {}))
         if (turn + 1) % 500 == 0 or turn + 1 == args.turns:
             print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
             save(rows, chat, args)  # partial results survive a run cut short
@@ -136,16 +137,16 @@ def main() -> None:
 
 def flatness_table(rows: list[dict], block: int = 500) -> str:
     """Per block of turns: median per-token latency and memory, each against the whole run (the
-    targets: latency within ±10%, memory within ±1%); with --gpu-step-times also the step's GPU time."""
+    targets: latency within ±10%, memory within ±1%); with --gpu-token-times also the GPU time per token."""
     def median(values):
         return statistics.median(values) if values else float("nan")
 
     latency = median([r["decode_ms"] for r in rows if r["decode_ms"]])
-    timed = any(r.get("gpu_step_ms") for r in rows)
-    step = median([r["gpu_step_ms"] for r in rows if r.get("gpu_step_ms")]) if timed else None
-    lines = [f"overall median latency {latency:.3f} ms/token" + (f"; GPU step {step:.3f} ms" if timed else ""),
+    timed = any(r.get("gpu_token_ms") for r in rows)
+    step = median([r["gpu_token_ms"] for r in rows if r.get("gpu_token_ms")]) if timed else None
+    lines = [f"overall median latency {latency:.3f} ms/token" + (f"; on the GPU {step:.3f} ms/token" if timed else ""),
              "| turns | median ms/token | vs overall | cache MB min-max | GPU MB min-max |"
-             + (" GPU step ms | vs overall |" if timed else ""),
+             + (" GPU ms/token | vs overall |" if timed else ""),
              "|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for start in range(0, len(rows), block):
         part = rows[start : start + block]
@@ -155,7 +156,7 @@ def flatness_table(rows: list[dict], block: int = 500) -> str:
         line = (f"| {start + 1}-{start + len(part)} | {ms:.3f} | {100 * (ms / latency - 1):+.1f}% | "
                 f"{min(cache):.2f}-{max(cache):.2f} | {min(gpu):.1f}-{max(gpu):.1f} |")
         if timed:
-            part_step = median([r["gpu_step_ms"] for r in part if r.get("gpu_step_ms")])
+            part_step = median([r["gpu_token_ms"] for r in part if r.get("gpu_token_ms")])
             line += f" {part_step:.3f} | {100 * (part_step / step - 1):+.1f}% |"
         lines.append(line)
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import torch
 
 from .cache import SinkWindowCache
 from .fusion import fuse_projections
+from .sampling import SamplingSettings, candidate_count, sample_next, sample_with_noise
 
 
 # TorchInductor options of the compiled step. With coordinate-descent tuning on, Inductor writes a
@@ -41,6 +42,16 @@ class EagerDecoder:
         """Append one token per row [batch]; logits for the next one [batch, vocab]."""
         return self.model(token_ids.view(-1, 1), self.cache, logits_to_keep=1).logits[:, -1]
 
+    @torch.inference_mode()
+    def sample_and_step(
+        self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the next token from `logits` [batch, vocab] (repeats of the tokens the cache holds
+        penalized) and append it; returns (token ids [batch], logits for the one after)."""
+        cache = self.cache
+        token = sample_next(logits, settings, generator, cache.token_ids, cache.token_index >= 0)
+        return token, self.step(token)
+
 
 # Chunk sizes whose prefill is captured in a CUDA graph (with `prefill_graphs`): a turn is encoded
 # as the largest of these that fit, the last few tokens through the one-token step.
@@ -67,6 +78,7 @@ class GraphDecoder(EagerDecoder):
         self._prefill_sizes = tuple(size for size in PREFILL_GRAPH_SIZES if size <= cache.window)
         self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
         self._pool = None  # one memory pool for the prefill graphs: they never run at the same time
+        self._samplers: dict[tuple, tuple] | None = {}  # per sampling settings: noise, graph, token
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         options = COMPILE_OPTIONS if compile_options is None else compile_options
         step = torch.compile(self._run, fullgraph=True, dynamic=False, options=options) if compile else self._run
@@ -82,6 +94,53 @@ class GraphDecoder(EagerDecoder):
         self._tokens.copy_(token_ids.view(-1, 1))
         self._graph.replay()
         return self._logits
+
+    @torch.inference_mode()
+    def sample_and_step(
+        self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler replayed from a CUDA graph (one per settings) writing straight into the step
+        graph's input: per token, one noise kernel and two graph launches, no host work between."""
+        sampler = self._sampler(settings)
+        if sampler is None:
+            return super().sample_and_step(logits, settings, generator)
+        noise, graph, token = sampler
+        if logits.data_ptr() != self._logits.data_ptr():  # the first token after a prefill
+            self._logits.copy_(logits)
+        if noise is not None:
+            noise.exponential_(generator=generator)  # outside the graph: the generator's own stream of draws
+        graph.replay()
+        self._graph.replay()
+        return token, self._logits
+
+    def _sampler(self, settings: SamplingSettings) -> tuple | None:
+        if self._samplers is None:
+            return None
+        key = (settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty)
+        if key not in self._samplers:
+            if len(self._samplers) >= 8:  # settings changed often: keep the most recent few
+                self._samplers.pop(next(iter(self._samplers)))
+            try:
+                self._samplers[key] = self._capture_sampler(settings)
+            except Exception as error:  # capture fails in many ways; the eager sampler still works
+                self._samplers = None
+                self.name += f" (sampler graph failed: {str(error)[:80]})"
+                return None
+        return self._samplers[key]
+
+    def _capture_sampler(self, settings: SamplingSettings) -> tuple:
+        cache, logits = self.cache, self._logits
+        noise = None
+        if settings.temperature > 0:
+            noise = torch.ones(logits.shape[0], candidate_count(settings, logits.shape[-1]), device=logits.device)
+
+        def run() -> torch.Tensor:
+            token = sample_with_noise(logits, settings, noise, cache.token_ids, cache.token_index >= 0)
+            self._tokens.copy_(token.view(-1, 1))
+            return token
+
+        graph, token = _capture(run, cache, warmup=1)
+        return noise, graph, token
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor) -> torch.Tensor:

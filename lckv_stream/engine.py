@@ -19,7 +19,7 @@ from .cache import CacheStats, SinkWindowCache, validate_cache_size
 from .chat_format import ChatError, ChatFormat, clean_message
 from .decoding import make_decoder, prefill_in_chunks
 from .metrics import ConversationMetrics, Stopwatch, TurnMetrics, synchronize
-from .sampling import SamplingSettings, sample_next
+from .sampling import SamplingSettings
 
 MAX_WINDOW = 1 << 20
 MAX_PINNED = 4096
@@ -288,7 +288,7 @@ class ChatSession:
     def _generate(
         self, logits: torch.Tensor, sampling: SamplingSettings, turn: TurnMetrics, started: float
     ) -> Iterator[Event]:
-        cache, device = self._cache, self._cache.device
+        device = self._cache.device
         self._append_message({"role": "assistant", "content": ""}, [], "")
         generated: list[int] = []
         shown = ""
@@ -297,12 +297,9 @@ class ChatSession:
         try:
             for index in range(sampling.max_new_tokens):
                 watch.lap()  # time the consumer spent between tokens is not model latency
-                token = sample_next(
-                    logits, sampling, self._generator, cache.token_ids[:1], cache.token_index[:1] >= 0
-                )
                 # Feed the token before showing it: whatever stops the stream, cache == transcript.
                 # The step is queued before the id is read, so the GPU never waits for the host.
-                logits = self._decoder.step(token)
+                token, logits = self._decoder.sample_and_step(logits, sampling, self._generator)
                 token_id = int(token[0])
                 generated.append(token_id)
                 self._extend_last_segment([token_id])

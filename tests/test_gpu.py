@@ -185,3 +185,34 @@ def test_prefill_graphs_match_eager_prefill(sink):
         assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
         assert graphs.cache.held_indices() == eager.cache.held_indices()
     assert set(graphs._prefill_graphs) == {64, 16, 4}  # 256 is over the window: not captured
+
+
+def test_sampler_graph_draws_the_tokens_of_the_eager_sampler():
+    """The sampler replayed from CUDA graphs (its noise drawn outside them, from the same generator)
+    against the eager sampler on the same step graph: the same seed gives the same tokens, over
+    settings changed mid-stream (sampled top-k/top-p, greedy, top-p over the whole vocabulary)."""
+    from lckv_stream.sampling import SamplingSettings
+
+    model = smollm_shaped(cla_map(30, 2))
+    prompt = torch.randint(0, 49152, (1, 40), device="cuda")
+    schedule = [SamplingSettings(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1),
+                SamplingSettings(temperature=0.0, repetition_penalty=1.3),
+                SamplingSettings(temperature=1.2, top_k=0, top_p=0.95, repetition_penalty=1.0)]
+    runs = []
+    for graphed_sampler in (False, True):
+        decoder = GraphDecoder(model, model.new_cache(sink=4, window=252))
+        if not graphed_sampler:
+            decoder._samplers = None  # the eager sampler, the same step graph
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        logits, tokens = decoder.prefill(prompt), []
+        for index in range(300):
+            token, logits = decoder.sample_and_step(logits, schedule[index // 40 % 3], generator)
+            tokens.append(int(token[0]))
+        assert ("sampler graph failed" in decoder.name) is False
+        runs.append((tokens, decoder.cache.held_indices(), decoder._samplers))
+    (eager_tokens, eager_held, _), (graph_tokens, graph_held, samplers) = runs
+    assert len(samplers) == 3
+    assert graph_tokens == eager_tokens
+    assert graph_held == eager_held
+    assert len(set(eager_tokens)) > 100  # sampled, not stuck on one token
+
