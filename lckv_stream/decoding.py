@@ -191,7 +191,9 @@ def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: another session generating on its own thread during this capture (two users
+        # at once) may synchronize or allocate without breaking the capture or failing itself.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             output = run()
     finally:
         cache.restore(saved)

@@ -216,3 +216,44 @@ def test_sampler_graph_draws_the_tokens_of_the_eager_sampler():
     assert graph_held == eager_held
     assert len(set(eager_tokens)) > 100  # sampled, not stuck on one token
 
+
+def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
+    """Two users at once on one GPU: sessions on two threads, each capturing its graphs (step,
+    prefill chunks, sampler) while the other generates, give the replies each gives alone, and
+    neither falls back or fails."""
+    import threading
+
+    from app_support.tiny import tiny_model, tiny_tokenizer
+    from lckv_stream.engine import CacheSettings, ChatSession
+    from lckv_stream.sampling import SamplingSettings
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(cla_map(4), vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512)
+    model = model.to("cuda", torch.bfloat16)
+    settings = [SamplingSettings(temperature=0.9, top_k=20, max_new_tokens=40),
+                SamplingSettings(temperature=0.0, max_new_tokens=40)]
+
+    def conversation(seed: int) -> tuple[list[str], str]:
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 60), seed=seed,
+                           decoder_factory=lambda m, c: make_decoder(m, c, compile=False))
+        replies = [list(chat.send(f"message {turn} " * (turn + 1), settings[(seed + turn) % 2]))[-1].reply
+                   for turn in range(6)]
+        return replies, chat.stats().decoder
+
+    alone = [conversation(seed) for seed in (1, 2)]
+    together, errors = [None, None], []
+
+    def worker(index: int) -> None:
+        try:
+            together[index] = conversation(index + 1)
+        except Exception as error:  # reported below: a thread's exception would otherwise be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert together == alone
+    assert all("failed" not in decoder for _, decoder in alone + together)
