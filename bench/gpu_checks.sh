@@ -2,7 +2,8 @@
 # GPU checks that fit one 10-minute call each on a lent H100 (no model files needed: random weights).
 #
 #   tests : every GPU test (kernel against a float64 reference, kernel steps against SDPA, graph and
-#           compiled step against eager, prefill graphs against eager prefill); about 6 minutes
+#           compiled step against eager, prefill graphs against eager prefill, the sampler graph against
+#           the eager sampler, two sessions at once against each alone); about 7 minutes
 #   speed : the sampler on the GPU, and time to first token with eager prefill (c) against prefill
 #           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
 set -euo pipefail
