@@ -70,7 +70,7 @@ def next_token_distribution(
     """
     logits = _penalized(logits.float(), settings, previous, held) / settings.temperature
     if settings.top_k:
-        logits, ids = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1)
+        logits, ids = torch.topk(logits, candidate_count(settings, logits.shape[-1]), dim=-1)
     elif settings.top_p < 1.0:
         logits, ids = torch.sort(logits, descending=True, dim=-1)
     else:
