@@ -143,8 +143,8 @@ def flatness_table(rows: list[dict], block: int = 500) -> str:
 
     latency = median([r["decode_ms"] for r in rows if r["decode_ms"]])
     timed = any(r.get("gpu_token_ms") for r in rows)
-    step = median([r["gpu_token_ms"] for r in rows if r.get("gpu_token_ms")]) if timed else None
-    lines = [f"overall median latency {latency:.3f} ms/token" + (f"; on the GPU {step:.3f} ms/token" if timed else ""),
+    gpu_ms = median([r["gpu_token_ms"] for r in rows if r.get("gpu_token_ms")]) if timed else None
+    lines = [f"overall median latency {latency:.3f} ms/token" + (f"; on the GPU {gpu_ms:.3f} ms/token" if timed else ""),
              "| turns | median ms/token | vs overall | cache MB min-max | GPU MB min-max |"
              + (" GPU ms/token | vs overall |" if timed else ""),
              "|---|---|---|---|---|" + ("---|---|" if timed else "")]
@@ -156,8 +156,8 @@ def flatness_table(rows: list[dict], block: int = 500) -> str:
         line = (f"| {start + 1}-{start + len(part)} | {ms:.3f} | {100 * (ms / latency - 1):+.1f}% | "
                 f"{min(cache):.2f}-{max(cache):.2f} | {min(gpu):.1f}-{max(gpu):.1f} |")
         if timed:
-            part_step = median([r["gpu_token_ms"] for r in part if r.get("gpu_token_ms")])
-            line += f" {part_step:.3f} | {100 * (part_step / step - 1):+.1f}% |"
+            part_gpu_ms = median([r["gpu_token_ms"] for r in part if r.get("gpu_token_ms")])
+            line += f" {part_gpu_ms:.3f} | {100 * (part_gpu_ms / gpu_ms - 1):+.1f}% |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -114,19 +114,26 @@ class GraphDecoder(EagerDecoder):
         return token, self._logits
 
     def _sampler(self, settings: SamplingSettings) -> tuple | None:
-        if self._samplers is None:
-            return None
         key = (settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty)
-        if key not in self._samplers:
-            if len(self._samplers) >= 8:  # settings changed often: keep the most recent few
-                self._samplers.pop(next(iter(self._samplers)))
+        return self._captured("_samplers", key, lambda: self._capture_sampler(settings), "sampler")
+
+    def _captured(self, table_name: str, key, capture, label: str) -> tuple | None:
+        """The graph under `key` in the table `table_name`, captured on first use (at most 8 kept:
+        the oldest goes). A failed capture sets the table to None, so that part runs eagerly from
+        then on, and the decoder's name says why."""
+        table = getattr(self, table_name)
+        if table is None:
+            return None
+        if key not in table:
+            if len(table) >= 8:
+                table.pop(next(iter(table)))
             try:
-                self._samplers[key] = self._capture_sampler(settings)
-            except Exception as error:  # capture fails in many ways; the eager sampler still works
-                self._samplers = None
-                self.name += f" (sampler graph failed: {str(error)[:80]})"
+                table[key] = capture()
+            except Exception as error:  # capture fails in many ways; the eager path still works
+                setattr(self, table_name, None)
+                self.name += f" ({label} graph failed: {str(error)[:80]})"
                 return None
-        return self._samplers[key]
+        return table[key]
 
     def _capture_sampler(self, settings: SamplingSettings) -> tuple:
         cache, logits = self.cache, self._logits
@@ -158,14 +165,10 @@ class GraphDecoder(EagerDecoder):
 
     def _replay_prefill(self, piece: torch.Tensor) -> torch.Tensor | None:
         size = piece.shape[1]
-        if size not in self._prefill_graphs:
-            try:
-                self._prefill_graphs[size] = self._capture_prefill(size)
-            except Exception as error:  # capture fails in many ways; eager prefill still works
-                self._prefill_graphs = None
-                self.name += f" (prefill graph failed: {str(error)[:80]})"
-                return None
-        tokens, graph, logits = self._prefill_graphs[size]
+        captured = self._captured("_prefill_graphs", size, lambda: self._capture_prefill(size), "prefill")
+        if captured is None:
+            return None
+        tokens, graph, logits = captured
         tokens.copy_(piece)
         graph.replay()
         return logits
