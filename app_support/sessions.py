@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from lckv_stream.decoding import gpu_lock
 from lckv_stream.engine import ChatSession
 
 
@@ -146,7 +147,10 @@ class GenerationSlots:
 
 def _release_memory() -> None:
     """Collect the dropped sessions now and hand cached GPU blocks back to the driver."""
-    gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        with gpu_lock(torch.device("cuda")):  # empty_cache synchronizes: not during a capture
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        gc.collect()
 

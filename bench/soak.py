@@ -132,7 +132,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), f"{time.time() - began:.0f}s", flush=True)
             save(rows, chat, args)  # partial results survive a run cut short
     plot(rows, args.out / "soak.png")
-    print(flatness_table(rows))
+    table = flatness_table(rows)
+    print(table)
+    (args.out / "flatness.txt").write_text(table + "\n")
 
 
 def flatness_table(rows: list[dict], block: int = 500) -> str:

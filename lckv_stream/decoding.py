@@ -8,7 +8,9 @@ no host synchronization, so every step has the same shapes and addresses.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import threading
+from contextlib import nullcontext
+from typing import ContextManager, Iterator
 
 import torch
 
@@ -182,9 +184,26 @@ class GraphDecoder(EagerDecoder):
         return tokens, graph, logits
 
 
+# Two users at once: while one thread captures a CUDA graph, any host synchronization of the same
+# GPU from another thread (a token read, torch.cuda.synchronize, empty_cache) fails and invalidates
+# the capture, whatever the capture mode. So GPU work runs under one lock, event by event: sessions
+# take turns between the events they stream (the GPU runs their kernels one at a time anyway).
+_GPU_LOCK = threading.RLock()
+
+
+def gpu_lock(device: torch.device) -> ContextManager:
+    """Held while doing work on `device` that may synchronize or capture; a no-op off CUDA."""
+    return _GPU_LOCK if device.type == "cuda" else nullcontext()
+
+
 def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`run` warmed up on a side stream, then captured in a CUDA graph; returns the graph and its
     output. Warm-up and capture run real calls on the cache: its state is put back afterwards."""
+    with _GPU_LOCK:  # also when a decoder is made outside a session's turn
+        return _capture_unlocked(run, cache, warmup, pool)
+
+
+def _capture_unlocked(run, cache: SinkWindowCache, warmup: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     saved = cache.snapshot()
     try:
         side = torch.cuda.Stream()
@@ -194,9 +213,8 @@ def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another session generating on its own thread during this capture (two users
-        # at once) may synchronize or allocate without breaking the capture or failing itself.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # Its own stream: torch.cuda.graph otherwise captures on one stream shared by every caller.
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
             output = run()
     finally:
         cache.restore(saved)

@@ -17,7 +17,7 @@ import torch
 
 from .cache import CacheStats, SinkWindowCache, validate_cache_size
 from .chat_format import ChatError, ChatFormat, clean_message
-from .decoding import make_decoder, prefill_in_chunks
+from .decoding import gpu_lock, make_decoder, prefill_in_chunks
 from .metrics import ConversationMetrics, Stopwatch, TurnMetrics, synchronize
 from .sampling import SamplingSettings
 
@@ -115,6 +115,7 @@ class ChatSession:
         if seed is not None:
             self._generator.manual_seed(seed)
         self._lock = threading.Lock()
+        self._gpu = gpu_lock(model.device)  # shared by every session on the GPU: see gpu_lock
         self._stop = threading.Event()
         self._system_prompt = self._check_system_prompt(system_prompt)
         self._cache_settings = cache_settings
@@ -153,9 +154,11 @@ class ChatSession:
         return self._lock.locked()
 
     def stats(self) -> SessionStats:
-        cache = self._ensure_cache(rebuild=False)
+        with self._gpu:  # the first call makes the cache and its decoder; reading counts synchronizes
+            cache = self._ensure_cache(rebuild=False)
+            cache_stats = cache.stats()
         return SessionStats(
-            cache=cache.stats(),
+            cache=cache_stats,
             conversation_tokens=self._token_count,
             dense_bytes=self._token_count * cache.dense_bytes_per_token,
             decoder=self._decoder.name,
@@ -169,13 +172,13 @@ class ChatSession:
         Bad input raises ChatError at once; a second concurrent call raises ChatError when iterated.
         """
         text = clean_message(message)
-        return self._turn(text, sampling or self.sampling)
+        return self._taking_turns(self._turn(text, sampling or self.sampling))
 
     def regenerate(self, sampling: SamplingSettings | None = None) -> Iterator[Event]:
         """Drop the last reply and stream a new one to the same message."""
         if not self._messages or self._messages[-1]["role"] != "assistant":
             raise ChatError("there is no reply to regenerate yet")
-        return self._regenerate(sampling or self.sampling)
+        return self._taking_turns(self._regenerate(sampling or self.sampling))
 
     def stop(self) -> None:
         """Ask a streaming reply to end after the current token; the cache stays consistent."""
@@ -183,7 +186,7 @@ class ChatSession:
 
     def undo(self) -> None:
         """Remove the last user message and its reply."""
-        with self._exclusive():
+        with self._exclusive(), self._gpu:
             users = [i for i, m in enumerate(self._messages) if m["role"] == "user"]
             if not users:
                 raise ChatError("there is nothing to undo")
@@ -191,7 +194,7 @@ class ChatSession:
 
     def clear(self) -> None:
         """Start a new conversation with the same settings (buffers are reused)."""
-        with self._exclusive():
+        with self._exclusive(), self._gpu:
             self._truncate(0, None)
 
     def configure(
@@ -223,6 +226,20 @@ class ChatSession:
             return "; ".join(notes)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _taking_turns(self, events: Iterator[Event]) -> Iterator[Event]:
+        """`events` run under the GPU lock from one event to the next, and without it while the
+        caller handles an event: sessions on other threads take turns on the GPU in between."""
+        try:
+            while True:
+                with self._gpu:
+                    event = next(events, None)
+                if event is None:
+                    return
+                yield event
+        finally:
+            with self._gpu:
+                events.close()  # a stream left early: its clean-up touches the cache too
+
     def _exclusive(self):
         if not self._lock.acquire(blocking=False):
             raise ChatError("busy: a reply is still streaming; press Stop or wait for it to finish")

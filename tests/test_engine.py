@@ -71,6 +71,40 @@ def test_abandoning_a_stream_releases_the_session(tokenizer):
     assert run(chat.send("again"))[-1].reason
 
 
+def test_the_gpu_lock_is_held_while_a_turn_runs_and_free_between_events(tokenizer):
+    """Sessions take turns on the GPU between streamed events (a capture must not overlap another
+    session's synchronizations): the lock is held while the turn computes, free while the caller
+    holds an event, and free again once a stream is left early."""
+    chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50))
+    lock = threading.RLock()
+    chat._gpu = lock  # as on CUDA (on CPU the lock is a no-op)
+    held_inside = []
+    original = chat._decoder_factory
+
+    def factory(model, cache):
+        held_inside.append(lock._is_owned())
+        return original(model, cache)
+
+    chat._decoder_factory = factory
+
+    def free_elsewhere() -> bool:
+        result = []
+        worker = threading.Thread(target=lambda: result.append(lock.acquire(blocking=False) and not lock.release()))
+        worker.start()
+        worker.join()
+        return result[0]
+
+    stream = chat.send("hello")
+    for index, event in enumerate(stream):
+        assert not lock._is_owned() and free_elsewhere()
+        if index == 3:
+            break
+    stream.close()
+    assert held_inside == [True]  # the decoder (graph captures) was made under the lock
+    assert free_elsewhere() and not chat.generating
+    assert chat.stats().cache.tokens_seen == len(chat.transcript)
+
+
 def test_a_second_concurrent_turn_is_refused_as_busy(tokenizer):
     chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50))
     stream = chat.send("hello")

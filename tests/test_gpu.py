@@ -222,6 +222,7 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     prefill chunks, sampler) while the other generates, give the replies each gives alone, and
     neither falls back or fails."""
     import threading
+    import traceback
 
     from app_support.tiny import tiny_model, tiny_tokenizer
     from lckv_stream.engine import CacheSettings, ChatSession
@@ -246,14 +247,14 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     def worker(index: int) -> None:
         try:
             together[index] = conversation(index + 1)
-        except Exception as error:  # reported below: a thread's exception would otherwise be lost
-            errors.append(error)
+        except Exception:  # reported below: a thread's exception would otherwise be lost
+            errors.append(traceback.format_exc())
 
     threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors
+    assert not errors, "\n".join(errors)
     assert together == alone
     assert all("failed" not in decoder for _, decoder in alone + together)
