@@ -8,7 +8,8 @@
 #   train   : scripts/train_distill.py with the given arguments (resumes from /tmp/lckv/run/NAME)
 #   refine DELTA NAME K1,K2 : rank DELTA's shared layers (scripts/choose_kv_sharing.py), then train from
 #             DELTA, side by side, the maps where the K1 (K2, ...) costliest layers have their own KV
-#   pick NAME DEST : copy the refined candidate with the fewest KV layers within 10% of the teacher
+#   pick NAME DEST : copy the refined candidate with the fewest KV layers within 8% of the teacher on
+#             the selection windows (2 points of margin for the 10% bound on held-out text)
 set -euo pipefail
 WORK=/tmp/lckv
 export LCKV_STREAM_CACHE=$WORK/cache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -48,14 +49,17 @@ case "$stage" in
     tail -n 2 "$run"/own*.log
     ;;
   pick)
-    # The candidate with the fewest KV layers within 10% of the teacher on the selection windows.
+    # The candidate with the fewest KV layers within 8% of the teacher on the selection windows. The
+    # bound is 10% on held-out text; measured, a candidate's held-out ratio came out 0.004-0.009 above
+    # its selection ratio, and the same candidate moved by 0.004 between runs: 1.10 let a map that
+    # missed the bound on held-out text (1.097 selection, 1.103 held-out) through in one run of two.
     run="$WORK/run/$1"; dest=$2
     python3 - "$run" "$dest" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 run, dest = Path(sys.argv[1]), Path(sys.argv[2])
 done = [json.loads(p.read_text()) | {"folder": str(p.parent)} for p in sorted(run.glob("own*/delta/train_state.json"))]
-good = [s for s in done if s["select_ratio"] <= 1.10]
+good = [s for s in done if s["select_ratio"] <= 1.08]
 best = min(good, key=lambda s: s["kv_layers"]) if good else min(done, key=lambda s: s["select_ratio"])
 for s in done:
     print(s["kv_layers"], "KV layers:", {k: s[k] for k in ("select_ratio", "ratio", "student_ppl", "teacher_ppl", "tokens")})
