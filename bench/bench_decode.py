@@ -11,7 +11,8 @@ Ours use the engine's default cache (sink + window of `CacheSettings`) and, on C
 decode-attention kernel (LCKV_DECODE_KERNEL=0: the portable attention instead).
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
 context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens
-(eager prefill for (a) and (c), prefill chunks replayed as CUDA graphs for (d)).
+(eager prefill for (a), for (b) into its StaticCache, and for (c); prefill chunks replayed as CUDA
+graphs for (d), as the engine encodes a turn).
 Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
 
     python bench/bench_decode.py --out bench/results/decode
@@ -171,12 +172,15 @@ def ttft(prefill_and_first, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ttft_hf(model):
+def ttft_hf(model, static: bool = False):
+    """transformers' prefill of the turn, into its default cache or (`static`) a StaticCache."""
     def prepare():
-        cache = DynamicCache(config=model.config)
-        model(random_ids(1, 1024), past_key_values=cache, use_cache=True)
-        turn = random_ids(1, 100)
-        return lambda: model(turn, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).item()
+        cache = StaticCache(config=model.config, max_cache_len=1124) if static else DynamicCache(config=model.config)
+        model(random_ids(1, 1024), past_key_values=cache, use_cache=True,
+              cache_position=torch.arange(1024, device="cuda"))
+        turn, position = random_ids(1, 100), torch.arange(1024, 1124, device="cuda")
+        return lambda: model(turn, past_key_values=cache, use_cache=True, cache_position=position,
+                             logits_to_keep=1).logits[:, -1].argmax(-1).item()
     return ttft(prepare)
 
 
@@ -233,6 +237,8 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         torch.cuda.empty_cache()
     if name == "a_hf_eager":
         result["ttft_ms"] = ttft_hf(model)
+    if name == "b_hf_static_graph":
+        result["ttft_ms"] = ttft_hf(model, static=True)
     if name == "c_ours_eager":
         result["ttft_ms"] = ttft_ours(model)
     if name == "d_ours_graph":
