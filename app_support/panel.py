@@ -64,8 +64,9 @@ def metrics_markdown(metrics: dict) -> str:
             f"{metrics['tokens_held']:,} / {metrics['conversation_tokens']:,}"
             f" (sink {metrics['sink']} + window {metrics['window']})"),
         ("KV cache memory",
-            f"**{metrics['cache_mb']:.2f} MB** ({metrics['kv_layers']} of {metrics['total_layers']} layers store KV)"),
-        ("Dense Llama cache, same conversation", f"{metrics['dense_cache_mb']:.2f} MB"),
+            f"**{metrics['cache_mb']:.2f} MB**, allocated once and fixed"
+            f" ({metrics['kv_layers']} of {metrics['total_layers']} layers store KV)"),
+        ("Dense Llama cache, same conversation", f"{metrics['dense_cache_mb']:.2f} MB, grows with it"),
         ("GPU memory allocated", "CPU (no GPU)" if gpu is None else
             f"{gpu['allocated']:,.0f} MB (reserved {gpu['reserved']:,.0f}, peak {gpu['peak']:,.0f})"),
         ("Process memory (RSS)", f"{metrics['process_rss_mb']:,.0f} MB"),

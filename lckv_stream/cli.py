@@ -19,7 +19,7 @@ def footer(turn: TurnMetrics, stats: SessionStats) -> str:
     cache = stats.cache
     return (
         f"[ttft {turn.ttft_ms:.0f} ms | {turn.decode_ms_per_token:.1f} ms/token | {turn.tokens_per_s:.1f} tok/s"
-        f" | cache {cache.allocated_mb:.2f} MB vs dense {stats.dense_bytes / 2**20:.2f} MB"
+        f" | cache {cache.allocated_mb:.2f} MB (fixed) vs dense {stats.dense_bytes / 2**20:.2f} MB (grows)"
         f" | held {cache.tokens_held}/{stats.conversation_tokens} tokens | {stats.decoder}]"
     )
 
