@@ -147,10 +147,9 @@ class GenerationSlots:
 
 def _release_memory() -> None:
     """Collect the dropped sessions now and hand cached GPU blocks back to the driver."""
-    if torch.cuda.is_available():
-        with gpu_lock(torch.device("cuda")):  # empty_cache synchronizes: not during a capture
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
+    cuda = torch.cuda.is_available()
+    with gpu_lock(torch.device("cuda" if cuda else "cpu")):  # empty_cache synchronizes: not during a capture
         gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 

@@ -200,24 +200,20 @@ def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch
     """`run` warmed up on a side stream, then captured in a CUDA graph; returns the graph and its
     output. Warm-up and capture run real calls on the cache: its state is put back afterwards."""
     with _GPU_LOCK:  # also when a decoder is made outside a session's turn
-        return _capture_unlocked(run, cache, warmup, pool)
-
-
-def _capture_unlocked(run, cache: SinkWindowCache, warmup: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    saved = cache.snapshot()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Its own stream: torch.cuda.graph otherwise captures on one stream shared by every caller.
-        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-            output = run()
-    finally:
-        cache.restore(saved)
+        saved = cache.snapshot()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # Its own stream: torch.cuda.graph otherwise captures on one stream shared by every caller.
+            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                output = run()
+        finally:
+            cache.restore(saved)
     return graph, output
 
 
