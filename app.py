@@ -25,7 +25,7 @@ from app_support.sessions import GenerationSlots, SessionRegistry
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
 from lckv_stream.chat_format import ChatError, clean_message
-from lckv_stream.engine import MAX_WINDOW, CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
+from lckv_stream.chat import MAX_WINDOW, CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
 from lckv_stream.metrics import device_name
 from lckv_stream.sampling import LIMITS, SamplingSettings
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from lckv_stream.engine import ChatSession
+from lckv_stream.chat import ChatSession
 from lckv_stream.metrics import device_name, gpu_memory_mb, process_rss_mb
 
 MB = 2**20

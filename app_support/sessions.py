@@ -14,10 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
-from lckv_stream.decoding import gpu_lock
-from lckv_stream.engine import ChatSession
+from lckv_stream.chat import ChatSession
 
 
 @dataclass
@@ -83,6 +80,7 @@ class SessionRegistry:
             return False
         entry.halt.set()
         entry.session.stop()
+        entry.session.close()
         del entry
         _release_memory()
         return True
@@ -95,8 +93,9 @@ class SessionRegistry:
                 key for key, entry in self._entries.items()
                 if now - entry.last_used > self.idle_seconds and not entry.session.generating
             ]
-            for key in idle:
-                del self._entries[key]
+            evicted = [self._entries.pop(key) for key in idle]
+        for entry in evicted:
+            entry.session.close()
         if idle:
             _release_memory()
         return idle
@@ -146,10 +145,6 @@ class GenerationSlots:
 
 
 def _release_memory() -> None:
-    """Collect the dropped sessions now and hand cached GPU blocks back to the driver."""
-    cuda = torch.cuda.is_available()
-    with gpu_lock(torch.device("cuda" if cuda else "cpu")):  # empty_cache synchronizes: not during a capture
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    """Collect the dropped sessions now: their finalizers give their engine rows back."""
+    gc.collect()
 

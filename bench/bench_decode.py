@@ -37,7 +37,7 @@ from lckv_stream import lckv_map  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
 from lckv_stream.default_model import default_layer_types  # noqa: E402
-from lckv_stream.engine import CacheSettings  # noqa: E402
+from lckv_stream.chat import CacheSettings  # noqa: E402
 from lckv_stream.fusion import fuse_projections  # noqa: E402
 
 LENGTHS = [1024, 8192, 65536, 1 << 20]

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd  # noqa: E402
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd  # noqa: E402
 from lckv_stream.sampling import SamplingSettings  # noqa: E402
 
 MESSAGES = ["Tell me about rivers.", "Why?", "Give an example.", "And then what happened next in the story?",

@@ -106,8 +106,8 @@ class ForwardContext:
         query_index = cache.seen.unsqueeze(1) + offsets  # [batch, T]
         cos, sin = rope(query_index, dtype)
         context = cls(rope, cache, steps, groups, dtype, query_index, cos, sin, sliding_window)
-        context.shift = (query_index + 1 - cache.capacity).clamp(min=0)
-        if steps == 1 and uses_decode_kernel(cache):
+        context.shift = cache.shift(query_index)
+        if steps == 1 and cache.attention_backend == "triton":
             # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
             context.decode_kernel = True
             context.sink_cos, context.sink_sin = context._sink_rope(context.shift[:, -1])
@@ -230,14 +230,14 @@ class ForwardContext:
         """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key."""
         key = (no_diagonal, sliding)
         if key not in self._masks:
-            if self.cache is None:
-                key_index, sink, window = self.query_index, 0, self.steps + 1
-            else:
-                key_index, sink, window = self._key_index(), self.cache.sink, self.cache.window
             q = self.query_index.unsqueeze(2)
-            k = key_index.unsqueeze(1)
-            visible = (k >= 0) & ((k < q) if no_diagonal else (k <= q))
-            visible &= (k < sink) | (k > q - window)
+            if self.cache is None:
+                k = self.query_index.unsqueeze(1)
+                visible = k >= 0
+            else:
+                k = self._key_index().unsqueeze(1)
+                visible = self.cache.visible(q, k)
+            visible &= (k < q) if no_diagonal else (k <= q)
             if sliding:
                 visible &= k > q - self.sliding_window
             visible = visible.unsqueeze(1).repeat(1, 1, self.groups, 1)
@@ -273,7 +273,7 @@ class ForwardContext:
             columns = torch.cat((torch.arange(cache.sink, device=device),
                                  torch.arange(cache.capacity, cache.capacity + new_sinks, device=device)))
             column_index = self._key_index()[:, columns]
-            is_sink = ((column_index >= 0) & (column_index < cache.sink)).unsqueeze(1).unsqueeze(1)
+            is_sink = cache.is_sink(column_index).unsqueeze(1).unsqueeze(1)
             cos, sin = self.rope(torch.arange(cache.sink, device=device).unsqueeze(0), self.dtype)
             self._sink_plan = (columns, is_sink, cos, sin)
         return self._sink_plan
@@ -284,11 +284,14 @@ def _capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def uses_decode_kernel(cache: SinkWindowCache) -> bool:
-    """Whether one-token steps on this cache run the Triton decode kernel: a 16-bit cache on CUDA
-    with Triton. LCKV_DECODE_KERNEL=0 turns it off (read when a step is built or compiled)."""
-    return (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
-            and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
+def choose_attention_backend(cache: SinkWindowCache) -> str:
+    """The attention of one-token steps on this cache, chosen once when a step is built: "triton"
+    (the decode kernel) for a 16-bit cache on CUDA with Triton, unless LCKV_DECODE_KERNEL=0; else
+    "torch". Sets it on the cache and returns it."""
+    kernel = (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
+              and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
+    cache.attention_backend = "triton" if kernel else "torch"
+    return cache.attention_backend
 
 
 DECODE_SPLIT = 64  # cache slots per partial softmax in the compiled decode attention

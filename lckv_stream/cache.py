@@ -1,10 +1,21 @@
 """The condensed attention-sink + sliding-window KV cache (StreamingLLM over LCKV).
 
-Only the KV-producing layers are stored, in fixed-size buffers (one per producer layer): `sink` first
-tokens plus a ring of the `window` most recent ones. Window keys are stored rotated (RoPE) at their
-absolute stream index: what attention needs is the distance between query and key, which eviction
-never changes for them. Sink keys are also kept un-rotated, because their distance to the query
-shrinks as the cache shifts; the model re-rotates those few before each call.
+Only the KV-producing layers are stored, in fixed-size buffers (one per producer layer). The buffers
+have a bucket's shape: `sink` slots for pinned first tokens, then `window` slots for a ring of recent
+ones. Each row (one conversation) may use a smaller sink and window of its own inside that shape:
+its sinks fill slots [0, row sink), its ring starts at slot `sink` and spans its own window, and the
+slots it never uses stay empty (stream index -1), which masks them everywhere. So conversations of
+different sizes share one buffer, one compiled step and one captured graph.
+
+Window keys are stored rotated (RoPE) at their absolute stream index: what attention needs is the
+distance between query and key, which eviction never changes for them. Sink keys are also kept
+un-rotated, because their distance to the query shrinks as the cache shifts; the model re-rotates
+those few before each call.
+
+`SinkWindowCache` is also the eviction policy: which slot a stream index takes (`slot_of`), how far
+each row's frame has shifted (`shift`), which keys a query may see (`visible`) and which tokens of a
+long chunk survive (`kept_in_chunk`). Attention code and the decode kernel consume those answers; a
+new policy is a subclass that gives other ones.
 """
 
 from __future__ import annotations
@@ -20,16 +31,16 @@ EMPTY = -1
 
 @dataclass(frozen=True)
 class CacheStats:
-    """What the cache holds, for one sequence (row 0) unless said otherwise."""
+    """What one row of the cache holds (row 0 unless said otherwise)."""
 
     tokens_held: int
     tokens_seen: int
-    allocated_bytes: int
+    allocated_bytes: int  # the row's share of the buffers (its bucket's full shape)
     used_bytes: int
     dense_bytes: int
     kv_layers: int
     total_layers: int
-    sink: int
+    sink: int  # the row's own sizes
     window: int
 
     @property
@@ -46,10 +57,12 @@ class CacheStats:
 
 
 class SinkWindowCache:
-    """Static buffers for the KV of the producer layers: `sink` pinned tokens + a ring of `window`.
+    """Static buffers for the KV of the producer layers: `sink` pinned slots + a ring of `window`.
 
-    Slot of stream token t: t if t < sink, else sink + (t - sink) mod window. Writing a token into the
-    ring evicts the token `window` places before it, exactly the StreamingLLM policy.
+    Slot of stream token t in a row with sink s and window w: t if t < s, else
+    sink + (t - s) mod w. Writing a token into the ring evicts the token w places before it, exactly
+    the StreamingLLM policy. Rows start at the full shape (s = sink, w = window); `set_row_size`
+    gives a row smaller sizes.
     """
 
     def __init__(
@@ -83,12 +96,22 @@ class SinkWindowCache:
         self.token_index = torch.full((batch_size, self.capacity), EMPTY, dtype=torch.long, device=device)
         self.token_ids = torch.zeros((batch_size, self.capacity), dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.row_sink = torch.full((batch_size,), self.sink, dtype=torch.long, device=device)
+        self.row_window = torch.full((batch_size,), self.window, dtype=torch.long, device=device)
+        # Rows that take the next one-token step; the others are left untouched by it (a batched
+        # step of a fixed size serves fewer conversations than it has rows).
+        self.active = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self._sizes = [[self.sink, self.window] for _ in range(batch_size)]  # host copy of row sizes
+        self._first = 0  # this object's first row in `_sizes` (views over a row range share them)
         self._row = {layer: i for i, layer in enumerate(self.producers)}
         # Index tensors for writes: every write indexes a whole buffer (never a view of it), which
         # lets a compiled step update the buffers in place instead of copying them.
         self._batch_rows = torch.arange(batch_size, device=device).view(-1, 1)
         self._heads = torch.arange(num_kv_heads, device=device).view(1, -1)
         self._sink_slots = torch.arange(self.sink, device=device)
+        # How attention runs for one-token steps: "torch" (any device) or "triton" (the decode
+        # kernel), chosen once by whoever builds the step (decoding.make_decoder).
+        self.attention_backend = "torch"
 
     @classmethod
     def for_model(
@@ -113,6 +136,20 @@ class SinkWindowCache:
             device=device,
         )
 
+    def rows(self, start: int, stop: int) -> "SinkWindowCache":
+        """A cache over rows [start, stop) sharing this one's memory: what it writes, this one holds."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) are outside a cache of {self.batch_size} rows")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        for name in _PER_ROW:
+            value = getattr(self, name)
+            setattr(view, name, [v[start:stop] for v in value] if isinstance(value, list) else value[start:stop])
+        view.batch_size = stop - start
+        view._first = self._first + start
+        view._batch_rows = torch.arange(stop - start, device=self.device).view(-1, 1)
+        return view
+
     # ---- layout -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -133,35 +170,79 @@ class SinkWindowCache:
     def layer_values(self, layer: int) -> torch.Tensor:
         return self.values[self._row[layer]]
 
+    def row_size(self, row: int = 0) -> tuple[int, int]:
+        """(sink, window) of a row."""
+        sink, window = self._sizes[self._first + row]
+        return sink, window
+
+    def smallest_window(self) -> int:
+        return min(window for _, window in self._sizes[self._first : self._first + self.batch_size])
+
+    # ---- the policy -----------------------------------------------------------------------------
+    def _per_row(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Row values [batch] shaped to broadcast against `like` [batch, ...]."""
+        return values.view((-1,) + (1,) * (like.dim() - 1))
+
     def slot_of(self, index: torch.Tensor) -> torch.Tensor:
-        """Slot of each stream index (any shape)."""
-        ring = self.sink + torch.remainder(index - self.sink, self.window)
-        return torch.where(index < self.sink, index, ring)
+        """Slot of each stream index, [batch, ...] (each row with its own sizes)."""
+        sink, window = self._per_row(self.row_sink, index), self._per_row(self.row_window, index)
+        ring = self.sink + torch.remainder(index - sink, window)
+        return torch.where(index < sink, index, ring)
+
+    def shift(self, query_index: torch.Tensor) -> torch.Tensor:
+        """How far each query's cache frame has moved, [batch, T]: max(0, t + 1 - row capacity).
+
+        A query t sits at place t - shift, a window key s at s - shift, a sink key at s."""
+        capacity = self._per_row(self.row_sink + self.row_window, query_index)
+        return (query_index + 1 - capacity).clamp(min=0)
+
+    def visible(self, query_index: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """Whether query t [batch, T, 1] may see key s [batch, 1, K] under the eviction policy:
+        s held and (s a sink or within the window). Causality is the caller's."""
+        sink = self._per_row(self.row_sink, query_index)
+        window = self._per_row(self.row_window, query_index)
+        return (key_index >= 0) & ((key_index < sink) | (key_index > query_index - window))
+
+    def is_sink(self, index: torch.Tensor) -> torch.Tensor:
+        """Whether each stream index [batch, ...] is one of its row's sinks."""
+        return (index >= 0) & (index < self._per_row(self.row_sink, index))
+
+    def kept_in_chunk(self, row: int, start: int, steps: int) -> torch.Tensor:
+        """Offsets in a chunk of `steps` tokens from stream index `start` that the row keeps: its
+        sinks and the last `window` tokens (the rest would be evicted within the chunk)."""
+        sink, window = self.row_size(row)
+        index = torch.arange(start, start + steps, device=self.device)
+        return ((index < sink) | (index >= start + steps - window)).nonzero().squeeze(1)
 
     # ---- writing: one token (decode) -----------------------------------------------------------
     def claim_next_slot(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Mark the slot of the next token (evicting its previous holder); returns slots [batch].
+        """Mark the slot of the next token in active rows (evicting its previous holder); returns
+        slots [batch].
 
         Runs on the device alone (no host sync), so a decode step can live in a CUDA graph.
         """
         slot = self.slot_of(self.seen)
         rows = slot.view(-1, 1)
-        self.token_index.scatter_(1, rows, self.seen.view(-1, 1))
-        self.token_ids.scatter_(1, rows, token_ids.view(-1, 1))
+        active = self.active.view(-1, 1)
+        self.token_index.scatter_(1, rows, torch.where(active, self.seen.view(-1, 1), self.token_index.gather(1, rows)))
+        self.token_ids.scatter_(1, rows, torch.where(active, token_ids.view(-1, 1), self.token_ids.gather(1, rows)))
         return slot
 
     def write_token(self, layer: int, slot: torch.Tensor, keys: torch.Tensor, raw_keys: torch.Tensor,
                     values: torch.Tensor) -> None:
-        """Store one token's KV [batch, kv_heads, 1, dim] of a producer layer at `slot` [batch]."""
+        """Store one token's KV [batch, kv_heads, 1, dim] of a producer layer at `slot` [batch] of
+        the active rows."""
         row = self._row[layer]
         at = (self._batch_rows, self._heads, slot.view(-1, 1))
-        self.keys[row].index_put_(at, keys[:, :, 0])
-        self.values[row].index_put_(at, values[:, :, 0])
+        active = self.active.view(-1, 1, 1)
+        layer_keys, layer_values = self.keys[row], self.values[row]
+        layer_keys.index_put_(at, torch.where(active, keys[:, :, 0], layer_keys[at]))
+        layer_values.index_put_(at, torch.where(active, values[:, :, 0], layer_values[at]))
         if self.sink:
             # Only a sink's raw key is kept; other tokens land in a clamped slot that is never read.
             sink_keys = self.sink_keys[row]
             at_sink = (self._batch_rows, self._heads, slot.clamp(max=self.sink - 1).view(-1, 1))
-            is_sink = (slot < self.sink).view(-1, 1, 1)
+            is_sink = (slot < self.sink).view(-1, 1, 1) & active
             sink_keys.index_put_(at_sink, torch.where(is_sink, raw_keys[:, :, 0], sink_keys[at_sink]))
 
     def write_rotated_sinks(self, rotated: torch.Tensor) -> None:
@@ -171,25 +252,24 @@ class SinkWindowCache:
             keys.index_put_(at, rotated_keys)
 
     def finish_token(self) -> None:
-        self.seen += 1
+        self.seen += self.active.long()
 
     # ---- writing: many tokens (prefill) ---------------------------------------------------------
     def write_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
                     token_ids: torch.Tensor) -> None:
-        """Append T tokens for every producer: [producers, batch, kv_heads, T, dim]; token_ids [batch, T]."""
+        """Append T tokens to every row for every producer: [producers, batch, kv_heads, T, dim];
+        token_ids [batch, T]."""
         steps = token_ids.shape[1]
-        if steps <= self.window:
+        if steps <= self.smallest_window():
             self._write_short_chunk(keys, raw_keys, values, token_ids)
             return
         for row, start in enumerate(self.seen.tolist()):
-            index = torch.arange(start, start + steps, device=self.device)
             # Only the sinks and the last `window` tokens of the chunk survive; skip the rest so that no
             # slot is written twice.
-            keep = (index < self.sink) | (index >= start + steps - self.window)
-            offsets = keep.nonzero().squeeze(1)
-            kept = index[offsets]
-            slots = self.slot_of(kept)
-            sinks = kept < self.sink
+            offsets = self.kept_in_chunk(row, start, steps)
+            kept = offsets + start
+            slots = self.rows(row, row + 1).slot_of(kept.view(1, -1)).view(-1)
+            sinks = kept < self.row_size(row)[0]
             has_sinks = bool(sinks.any())
             for layer in range(len(self.producers)):
                 self.keys[layer][row, :, slots] = keys[layer, row, :, offsets]
@@ -202,8 +282,8 @@ class SinkWindowCache:
 
     def _write_short_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
                            token_ids: torch.Tensor) -> None:
-        """write_chunk for T <= window: the T new tokens land in T distinct slots, so each buffer is
-        written by one scatter on the device, with no host sync (a CUDA graph can capture it)."""
+        """write_chunk for T <= every row's window: the T new tokens land in T distinct slots, so each
+        buffer is written by one scatter on the device, with no host sync (a CUDA graph can capture it)."""
         steps = token_ids.shape[1]
         index = self.seen.view(-1, 1) + torch.arange(steps, device=self.device)  # [batch, T]
         slots = self.slot_of(index)
@@ -214,7 +294,8 @@ class SinkWindowCache:
         if self.sink:
             # Sink s takes the raw key of the chunk's token with index s, where the chunk holds it.
             offset = self._sink_slots.view(1, -1) - self.seen.view(-1, 1)  # [batch, sink]
-            holds = ((offset >= 0) & (offset < steps)).unsqueeze(1).unsqueeze(-1)
+            holds = (offset >= 0) & (offset < steps) & self.is_sink(self._sink_slots.expand(self.batch_size, -1))
+            holds = holds.unsqueeze(1).unsqueeze(-1)
             batch, heads, _, dim = self.sink_keys[0].shape
             pick = offset.clamp(0, steps - 1).view(batch, 1, self.sink, 1).expand(batch, heads, self.sink, dim)
             for layer, sink_keys in enumerate(self.sink_keys):
@@ -225,9 +306,20 @@ class SinkWindowCache:
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything, keeping the buffers."""
+        """Forget everything, keeping the buffers and the row sizes."""
         for name, buffer in self._state():
             buffer.fill_(EMPTY if name == "token_index" else 0)
+
+    def set_row_size(self, row: int, sink: int, window: int) -> None:
+        """Give a row its own sink and window (at most the buffers' shape) and empty it."""
+        validate_cache_size(sink, window)
+        if sink > self.sink or window > self.window:
+            raise ValueError(f"a row of sink {sink} + window {window} does not fit a cache of sink "
+                             f"{self.sink} + window {self.window}")
+        self.rows(row, row + 1).reset()
+        self.row_sink[row] = sink
+        self.row_window[row] = window
+        self._sizes[self._first + row] = [int(sink), int(window)]
 
     def snapshot(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """A copy of the state, to restore later (undo/regenerate) in O(cache size).
@@ -235,20 +327,44 @@ class SinkWindowCache:
         Pass an earlier snapshot as `into` to reuse its buffers instead of allocating new ones.
         """
         if into is None:
-            return {name: buffer.clone() for name, buffer in self._state()}
-        for name, buffer in self._state():
-            into[name].copy_(buffer)
+            return {name: buffer.clone() for name, buffer in self._state(sizes=True)}
+        for name, buffer in self._state(sizes=True):
+            into[name].copy_(buffer, non_blocking=True)
         return into
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        """Copy a snapshot back into the existing buffers (no reallocation)."""
-        for name, buffer in self._state():
-            buffer.copy_(snapshot[name])
+        """Copy a snapshot back into the existing buffers (no reallocation), row sizes included."""
+        for name, buffer in self._state(sizes=True):
+            buffer.copy_(snapshot[name], non_blocking=True)
+        sinks, windows = snapshot["row_sink"].tolist(), snapshot["row_window"].tolist()
+        for row, size in enumerate(zip(sinks, windows)):
+            self._sizes[self._first + row] = list(size)
 
-    def _state(self) -> list[tuple[str, torch.Tensor]]:
-        """Every buffer of the state, named (per-layer buffers as keys.0, keys.1, ...)."""
+    def row_state(self, row: int, into: dict[str, torch.Tensor] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
+        """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back)."""
+        view = self.rows(row, row + 1)
+        if into is None:
+            into = {name: torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu", pin_memory=pin)
+                    for name, buffer in view._state(sizes=True)}
+        view.snapshot(into)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the copy is read on the host next
+        return into
+
+    def load_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        """Put a row state (from `row_state`, any row of a cache of the same shape) into `row`."""
+        self.rows(row, row + 1).restore(state)
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Row `target` becomes a copy of row `source` (sizes included), on the device."""
+        if source != target:
+            self.rows(target, target + 1).restore(dict(self.rows(source, source + 1)._state(sizes=True)))
+
+    def _state(self, sizes: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """Every buffer of the state, named (per-layer buffers as keys.0, keys.1, ...); with `sizes`,
+        the row sizes too."""
         named = []
-        for name in _STATE:
+        for name in _STATE + (_SIZES if sizes else ()):
             value = getattr(self, name)
             if isinstance(value, list):
                 named.extend((f"{name}.{i}", buffer) for i, buffer in enumerate(value))
@@ -272,7 +388,7 @@ class SinkWindowCache:
         return int(self.seen[row])
 
     def tokens_held(self, row: int = 0) -> int:
-        return min(self.tokens_seen(row), self.capacity)
+        return min(self.tokens_seen(row), sum(self.row_size(row)))
 
     def held_indices(self, row: int = 0) -> list[int]:
         """Stream indices of the tokens held, in stream order."""
@@ -280,24 +396,39 @@ class SinkWindowCache:
 
     @property
     def allocated_bytes(self) -> int:
+        """Bytes of every row's buffers."""
         return sum(buffer.numel() * buffer.element_size() for _, buffer in self._state())
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's buffers."""
+        return self.allocated_bytes // self.batch_size
 
     def stats(self, row: int = 0) -> CacheStats:
         seen = self.tokens_seen(row)
-        return CacheStats(
-            tokens_held=self.tokens_held(row),
-            tokens_seen=seen,
-            allocated_bytes=self.allocated_bytes,
-            used_bytes=self.tokens_held(row) * self.bytes_per_token,
-            dense_bytes=seen * self.dense_bytes_per_token,
-            kv_layers=len(self.producers),
-            total_layers=self.num_layers,
-            sink=self.sink,
-            window=self.window,
-        )
+        return row_stats(self, row, seen)
+
+
+def row_stats(cache: SinkWindowCache, row: int, seen: int) -> CacheStats:
+    """Stats of `row` given how many tokens it has seen (known on the host: no device read)."""
+    sink, window = cache.row_size(row)
+    held = min(seen, sink + window)
+    return CacheStats(
+        tokens_held=held,
+        tokens_seen=seen,
+        allocated_bytes=cache.row_bytes,
+        used_bytes=held * cache.bytes_per_token,
+        dense_bytes=seen * cache.dense_bytes_per_token,
+        kv_layers=len(cache.producers),
+        total_layers=cache.num_layers,
+        sink=sink,
+        window=window,
+    )
 
 
 _STATE = ("keys", "values", "sink_keys", "token_index", "token_ids", "seen")
+_SIZES = ("row_sink", "row_window")
+_PER_ROW = _STATE + _SIZES + ("active",)
 
 
 def validate_cache_size(sink: int, window: int) -> None:

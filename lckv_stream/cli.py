@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from .chat_format import ChatError
-from .engine import CacheSettings, ChatSession, PrefillProgress, SessionStats, TokenEvent, TurnEnd
+from .chat import CacheSettings, ChatSession, PrefillProgress, SessionStats, TokenEvent, TurnEnd
 from .metrics import TurnMetrics
 from .sampling import SamplingSettings
 

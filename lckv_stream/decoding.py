@@ -1,28 +1,54 @@
-"""Encoding new tokens into a cache and decoding one token at a time.
+"""Encoding new tokens into a cache and decoding one token at a time, for every row of a cache.
 
 `EagerDecoder` runs the model for every call. `GraphDecoder` captures the one-token step once in a
 CUDA graph and replays it: the sink + window cache has fixed-size buffers and a one-token step does
-no host synchronization, so every step has the same shapes and addresses.
+no host synchronization, so every step has the same shapes and addresses. A decoder may serve a
+view over the first rows of a larger cache (`SinkWindowCache.rows`): the engine keeps one decoder
+per batch size over one buffer.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import nullcontext
-from typing import ContextManager, Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from .attention import choose_attention_backend
 from .cache import SinkWindowCache
 from .fusion import fuse_projections
-from .sampling import SamplingSettings, candidate_count, sample_next, sample_with_noise
 
 
 # TorchInductor options of the compiled step. With coordinate-descent tuning on, Inductor writes a
 # one-row matrix product (batch 1) as a reduction it fuses with the norm before it and the activation
 # after: fewer, fuller kernels than one cuBLAS call per projection (measured in bench/RESULTS.md).
 COMPILE_OPTIONS: dict = {"coordinate_descent_tuning": True}
+
+
+def decode_step(model, token_ids: torch.Tensor, cache: SinkWindowCache) -> torch.Tensor:
+    """The one hot function: append one token per row [batch, 1]; logits for the next [batch, vocab].
+
+    The cache is an argument (not a closure), so one compiled version serves every cache of the
+    same shapes: a scratch copy while compiling on the side, then the engine's own rows."""
+    return model(token_ids, cache, logits_to_keep=1).logits[:, -1]
+
+
+def compile_step(options: dict | None = None) -> Callable:
+    """`decode_step` compiled by TorchInductor for fixed shapes (compiles on first call per shape)."""
+    _allow_recompiles()
+    return torch.compile(decode_step, fullgraph=True, dynamic=False,
+                         options=COMPILE_OPTIONS if options is None else options)
+
+
+def _allow_recompiles() -> None:
+    """One compiled version per (cache shape, batch size): far more than Dynamo's default limit of 8
+    per function, whose overflow would silently fall back to the uncompiled step."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
 
 
 class EagerDecoder:
@@ -33,6 +59,7 @@ class EagerDecoder:
     def __init__(self, model, cache: SinkWindowCache) -> None:
         self.model = model
         self.cache = cache
+        choose_attention_backend(cache)
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -42,17 +69,7 @@ class EagerDecoder:
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per row [batch]; logits for the next one [batch, vocab]."""
-        return self.model(token_ids.view(-1, 1), self.cache, logits_to_keep=1).logits[:, -1]
-
-    @torch.inference_mode()
-    def sample_and_step(
-        self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose the next token from `logits` [batch, vocab] (repeats of the tokens the cache holds
-        penalized) and append it; returns (token ids [batch], logits for the one after)."""
-        cache = self.cache
-        token = sample_next(logits, settings, generator, cache.token_ids, cache.token_index >= 0)
-        return token, self.step(token)
+        return decode_step(self.model, token_ids.view(-1, 1), self.cache)
 
 
 # Chunk sizes whose prefill is captured in a CUDA graph (with `prefill_graphs`): a turn is encoded
@@ -64,100 +81,53 @@ class GraphDecoder(EagerDecoder):
     """The one-token step captured in a CUDA graph; prefill eager, or (`prefill_graphs`) cut into
     chunks of fixed sizes, each size captured on first use.
 
-    With `compile=True` the step is first compiled (TorchInductor fuses the small elementwise and
-    reduction kernels of every layer), then captured: the graph replays the fused kernels.
+    `step_function` is what gets captured: `decode_step`, or a compiled version of it
+    (`compile_step()`: TorchInductor fuses the small elementwise and reduction kernels of every
+    layer); `compile=True` compiles here.
     """
 
     def __init__(
         self, model, cache: SinkWindowCache, warmup: int = 3, compile: bool = False,
         compile_options: dict | None = None, prefill_graphs: bool = False,
+        step_function: Callable | None = None,
     ) -> None:
         super().__init__(model, cache)
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
-        self.name = ("cuda-graph + compile" if compile else "cuda-graph") + (", prefill graphs" if prefill_graphs else "")
-        # Chunks up to the window only: their tokens land in distinct slots (no host sync needed).
-        self._prefill_sizes = tuple(size for size in PREFILL_GRAPH_SIZES if size <= cache.window)
+        if step_function is None:
+            step_function = compile_step(compile_options) if compile else decode_step
+        compiled = step_function is not decode_step
+        self.name = ("cuda-graph + compile" if compiled else "cuda-graph") + (", prefill graphs" if prefill_graphs else "")
         self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
         self._pool = None  # one memory pool for the prefill graphs: they never run at the same time
-        self._samplers: dict[tuple, tuple] | None = {}  # per sampling settings: noise, graph, token
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
-        options = COMPILE_OPTIONS if compile_options is None else compile_options
-        step = torch.compile(self._run, fullgraph=True, dynamic=False, options=options) if compile else self._run
-        self.ungraphed_step = step  # the same step run without the graph (profiling)
+        self.ungraphed_step = lambda: step_function(model, self._tokens, cache)  # profiling
         with torch.inference_mode():
-            self._graph, self._logits = _capture(step, cache, warmup)
+            self._graph, self._logits = capture(self.ungraphed_step, cache, warmup)
 
-    def _run(self) -> torch.Tensor:
-        return self.model(self._tokens, self.cache, logits_to_keep=1).logits[:, -1]
+    @property
+    def step_input(self) -> torch.Tensor:
+        """The token ids [batch, 1] the step graph reads: whoever writes them here feeds the step."""
+        return self._tokens
 
     @torch.inference_mode()
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        self._tokens.copy_(token_ids.view(-1, 1))
+    def step(self, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the step; `token_ids` [batch] are copied in first (None: already in `step_input`).
+        The logits buffer is overwritten by the next replay."""
+        if token_ids is not None:
+            self._tokens.copy_(token_ids.view(-1, 1))
         self._graph.replay()
         return self._logits
-
-    @torch.inference_mode()
-    def sample_and_step(
-        self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampler replayed from a CUDA graph (one per settings) writing straight into the step
-        graph's input: per token, one noise kernel and two graph launches, no host work between."""
-        sampler = self._sampler(settings)
-        if sampler is None:
-            return super().sample_and_step(logits, settings, generator)
-        noise, graph, token = sampler
-        if logits.data_ptr() != self._logits.data_ptr():  # the first token after a prefill
-            self._logits.copy_(logits)
-        if noise is not None:
-            noise.exponential_(generator=generator)  # outside the graph: the generator's own stream of draws
-        graph.replay()
-        self._graph.replay()
-        return token, self._logits
-
-    def _sampler(self, settings: SamplingSettings) -> tuple | None:
-        key = (settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty)
-        return self._captured("_samplers", key, lambda: self._capture_sampler(settings), "sampler")
-
-    def _captured(self, table_name: str, key, capture, label: str) -> tuple | None:
-        """The graph under `key` in the table `table_name`, captured on first use (at most 8 kept:
-        the oldest goes). A failed capture sets the table to None, so that part runs eagerly from
-        then on, and the decoder's name says why."""
-        table = getattr(self, table_name)
-        if table is None:
-            return None
-        if key not in table:
-            if len(table) >= 8:
-                table.pop(next(iter(table)))
-            try:
-                table[key] = capture()
-            except Exception as error:  # capture fails in many ways; the eager path still works
-                setattr(self, table_name, None)
-                self.name += f" ({label} graph failed: {str(error)[:80]})"
-                return None
-        return table[key]
-
-    def _capture_sampler(self, settings: SamplingSettings) -> tuple:
-        cache, logits = self.cache, self._logits
-        noise = None
-        if settings.temperature > 0:
-            noise = torch.ones(logits.shape[0], candidate_count(settings, logits.shape[-1]), device=logits.device)
-
-        def run() -> torch.Tensor:
-            token = sample_with_noise(logits, settings, noise, cache.token_ids, cache.token_index >= 0)
-            self._tokens.copy_(token.view(-1, 1))
-            return token
-
-        graph, token = _capture(run, cache, warmup=1)
-        return noise, graph, token
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self._prefill_graphs is None:
             return super().prefill(token_ids)
+        # Chunks up to the smallest row window only: their tokens land in distinct slots (no host sync).
+        sizes = tuple(size for size in PREFILL_GRAPH_SIZES if size <= self.cache.smallest_window())
         start, total = 0, token_ids.shape[1]
         while start < total:
-            size = next((size for size in self._prefill_sizes if size <= total - start), 1)
+            size = next((size for size in sizes if size <= total - start), 1)
             piece = token_ids[:, start : start + size]
             logits = self.step(piece[:, 0]) if size == 1 else self._replay_prefill(piece)
             if logits is None:  # capture failed: eager from here on
@@ -167,10 +137,16 @@ class GraphDecoder(EagerDecoder):
 
     def _replay_prefill(self, piece: torch.Tensor) -> torch.Tensor | None:
         size = piece.shape[1]
-        captured = self._captured("_prefill_graphs", size, lambda: self._capture_prefill(size), "prefill")
-        if captured is None:
+        if self._prefill_graphs is None:
             return None
-        tokens, graph, logits = captured
+        if size not in self._prefill_graphs:
+            try:
+                self._prefill_graphs[size] = self._capture_prefill(size)
+            except Exception as error:  # capture fails in many ways; the eager path still works
+                self._prefill_graphs = None
+                self.name += f" (prefill graph failed: {str(error)[:80]})"
+                return None
+        tokens, graph, logits = self._prefill_graphs[size]
         tokens.copy_(piece)
         graph.replay()
         return logits
@@ -179,62 +155,61 @@ class GraphDecoder(EagerDecoder):
         cache = self.cache
         tokens = torch.zeros(cache.batch_size, size, dtype=torch.long, device=cache.device)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        graph, logits = _capture(lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1], cache,
-                                 warmup=1, pool=self._pool)
+        graph, logits = capture(lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1], cache,
+                                warmup=1, pool=self._pool)
         return tokens, graph, logits
 
 
-# Two users at once: while one thread captures a CUDA graph, any host synchronization of the same
-# GPU from another thread (a token read, torch.cuda.synchronize, empty_cache) fails and invalidates
-# the capture, whatever the capture mode. So GPU work runs under one lock, event by event: sessions
-# take turns between the events they stream (the GPU runs their kernels one at a time anyway).
-_GPU_LOCK = threading.RLock()
-
-
-def gpu_lock(device: torch.device) -> ContextManager:
-    """Held while doing work on `device` that may synchronize or capture; a no-op off CUDA."""
-    return _GPU_LOCK if device.type == "cuda" else nullcontext()
-
-
-def _capture(run, cache: SinkWindowCache, warmup: int, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture(run, cache: SinkWindowCache | None, warmup: int, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`run` warmed up on a side stream, then captured in a CUDA graph; returns the graph and its
-    output. Warm-up and capture run real calls on the cache: its state is put back afterwards."""
-    with _GPU_LOCK:  # also when a decoder is made outside a session's turn
-        saved = cache.snapshot()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # Its own stream: torch.cuda.graph otherwise captures on one stream shared by every caller.
-            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-                output = run()
-        finally:
+    output. Warm-up and capture run real calls on the cache: its state is put back afterwards.
+
+    Nothing else may synchronize this GPU while a capture runs (another thread's host sync fails
+    it): the engine's one thread does all GPU work, and its side compiler waits meanwhile."""
+    saved = cache.snapshot() if cache is not None else None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # Its own stream: torch.cuda.graph otherwise captures on one stream shared by every caller.
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            output = run()
+    finally:
+        if saved is not None:
             cache.restore(saved)
     return graph, output
 
 
-def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compile: bool | None = None):
+def make_decoder(model, cache: SinkWindowCache, prefer_graph: bool = True, compile: bool | None = None,
+                 prefill_graphs: bool | None = None, step_function: Callable | None = None):
     """The fastest decoder that works here: compiled + CUDA graph, CUDA graph, or eager (CPU).
 
-    Compiling takes about two minutes per cache shape on first use (then it is cached on disk);
-    `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); prefill is encoded as chunks
-    replayed from CUDA graphs unless LCKV_PREFILL_GRAPHS=0. Its `name` says which decoder it is, and
-    why a faster one was not used.
+    Compiling takes about two minutes per cache shape and batch size on first use (then it is cached
+    on disk); `compile=None` reads LCKV_COMPILE (default on; 0 turns it off); prefill is encoded as
+    chunks replayed from CUDA graphs unless LCKV_PREFILL_GRAPHS=0 (or `prefill_graphs=False`). Pass
+    an already compiled `step_function` to capture it. Its `name` says which decoder it is, and why a
+    faster one was not used.
     """
     if compile is None:
         compile = os.environ.get("LCKV_COMPILE", "1") != "0"
     if not (prefer_graph and cache.device.type == "cuda"):
         return EagerDecoder(model, cache)
     fuse_projections(model)  # once per model: q/k/v and gate/up as one product each
-    prefill_graphs = os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0"
+    if prefill_graphs is None:
+        prefill_graphs = os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0"
     failures = []
-    for compiled in (True, False) if compile else (False,):
+    attempts = [step_function] if step_function is not None else []
+    attempts += ["compile"] if compile and step_function is None else []
+    attempts += [decode_step]
+    for attempt in attempts:
+        compiled = attempt is not decode_step
         try:
-            decoder = GraphDecoder(model, cache, compile=compiled, prefill_graphs=prefill_graphs)
+            function = compile_step() if attempt == "compile" else attempt
+            decoder = GraphDecoder(model, cache, prefill_graphs=prefill_graphs, step_function=function)
         except Exception as error:  # compilers and capture fail in many ways; a slower path still works
             failures.append(f"{'compile' if compiled else 'graph capture'} failed: {str(error)[:80]}")
             continue

@@ -1,447 +1,715 @@
-"""`ChatSession`: a conversation with a persistent sink + window cache.
+"""`Engine`: one per model and device, the only owner of its device state; one scheduler thread
+decodes every live conversation together.
 
-Each message owns the tokens it added to the transcript (a user message: the template text around
-it; an assistant message: the sampled tokens). The cache always reflects the transcript, so a new
-turn encodes only its own tokens. Undo and regenerate restore a cache snapshot taken at the start of
-the last turn; when none fits (after a settings change) the cache is rebuilt from the transcript.
+Each conversation holds a `Row`: a handle to one fixed-size block of a batched cache (a row of a
+`Bucket`), or to its copy in host memory while it is idle. Sessions ask for work from their own
+threads; the scheduler loop takes it between steps. Each iteration it:
+1. runs the commands that arrived (snapshot, restore, reset, resize, close: quick row copies),
+2. runs one batched decode step per bucket for every row that is generating (each row sampled
+   with its own settings and random stream), and hands each job its token,
+3. encodes one bounded chunk of a message that a row is reading (rows take turns), so a long paste
+   delays the others' tokens by one chunk at most,
+4. moves rows idle for a while to host memory (restored on their next turn, no re-encoding) and,
+   past the host budget, drops the oldest to transcript-only (their owner re-encodes them).
+Rows join and leave between steps; Stop ends one row's job at the next step without touching others.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Iterator, Union
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
-from .cache import CacheStats, SinkWindowCache, validate_cache_size
-from .chat_format import ChatError, ChatFormat, clean_message
-from .decoding import gpu_lock, make_decoder, prefill_in_chunks
-from .metrics import ConversationMetrics, Stopwatch, TurnMetrics, synchronize
+from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batch_class, bucket_shape
+from .cache import CacheStats, row_stats
 from .sampling import SamplingSettings
 
-MAX_WINDOW = 1 << 20
-MAX_PINNED = 4096
-_UNCHANGED = object()
+MB = 2**20
+# A row generates at most this many tokens ahead of its owner: a stalled reader pauses its row
+# instead of letting it run to max_new_tokens unseen.
+RUN_AHEAD = 16
 
 
 @dataclass(frozen=True)
-class CacheSettings:
-    """Cache size: `sink` first tokens + `window` recent ones; the system prompt can be pinned."""
+class EngineSettings:
+    """How much the engine batches and keeps, per device (see `for_device` for the defaults)."""
 
-    sink: int = 4
-    window: int = 1024
-    pin_system_prompt: bool = True
+    max_batch: int = 8  # rows decoded together in one step (the largest batch size class)
+    bucket_mb: float = 1024.0  # memory for one cache shape's rows; bigger rows, fewer of them
+    host_mb: float = 4096.0  # offloaded rows kept in host memory; past it the oldest are dropped
+    idle_seconds: float = float("inf")  # a row with no turn for this long leaves the device
+    prefill_tokens: int = 64  # prefill tokens per scheduler iteration while other rows generate
+    graphs: bool = False  # CUDA graphs for steps, prefill chunks and the sampler
+    compile: bool = False  # compile the steps on the side (plain graphs serve meanwhile)
+    warm_shape: tuple[int, int] | None = None  # (sink, window) whose bucket is built at start
 
     def __post_init__(self) -> None:
-        validate_cache_size(self.sink, self.window)
-        if self.window > MAX_WINDOW:
-            raise ValueError(f"window must be at most {MAX_WINDOW}, got {self.window}")
+        if self.max_batch not in (1, 2, 4, 8, 16, 32, 64):
+            raise ValueError(f"max_batch must be one of 1, 2, 4, 8, 16, 32, 64, got {self.max_batch}")
+        if self.bucket_mb <= 0 or self.host_mb < 0 or self.idle_seconds <= 0 or self.prefill_tokens < 1:
+            raise ValueError("bucket_mb, idle_seconds and prefill_tokens must be positive and host_mb >= 0")
+
+    @classmethod
+    def for_device(cls, device: torch.device, **overrides) -> "EngineSettings":
+        """Defaults for `device`; LCKV_MAX_GENERATIONS, LCKV_COMPILE, LCKV_OFFLOAD_IDLE_S and
+        LCKV_HOST_MB override them, keyword arguments override those."""
+        cuda = device.type == "cuda"
+        values: dict = dict(
+            max_batch=64 if cuda else 8, bucket_mb=2048.0 if cuda else 1024.0, host_mb=4096.0,
+            idle_seconds=60.0 if cuda else float("inf"), prefill_tokens=256,
+            graphs=cuda, compile=cuda and os.environ.get("LCKV_COMPILE", "1") != "0",
+        )
+        if "LCKV_MAX_GENERATIONS" in os.environ:
+            values["max_batch"] = batch_class(min(64, max(1, int(os.environ["LCKV_MAX_GENERATIONS"]))))
+        if "LCKV_OFFLOAD_IDLE_S" in os.environ:
+            values["idle_seconds"] = float(os.environ["LCKV_OFFLOAD_IDLE_S"])
+        if "LCKV_HOST_MB" in os.environ:
+            values["host_mb"] = float(os.environ["LCKV_HOST_MB"])
+        values.update(overrides)
+        return cls(**values)
 
 
-@dataclass(frozen=True)
-class PrefillProgress:
-    """Encoding of a long message, chunk by chunk."""
+class Row:
+    """The engine's record of one conversation's cache: where it lives and what it has seen.
 
-    done: int
-    total: int
+    Only the engine's thread changes it; its owner reads `seen`, `lost` and `residence`.
+    """
 
+    def __init__(self, sink: int, window: int, seed: int) -> None:
+        self.sink, self.window = sink, window
+        self.seed = seed
+        self.draws = 0  # random draws so far: the next token's noise is draw number `draws`
+        self.seen = 0  # tokens encoded into the cache
+        self.bucket: Bucket | None = None
+        self.index: int | None = None
+        self.host: HostCopy | None = None
+        self.lost = False  # dropped to transcript-only (host budget): its owner must re-encode
+        self.job = None
+        self.last_used = time.monotonic()
+        self.closed = False
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token: the new visible text it completes and how long it took."""
-
-    text: str
-    token_id: int
-    latency_ms: float
-    index: int
-
-
-@dataclass(frozen=True)
-class TurnEnd:
-    """The end of a turn: the whole reply, why it ended, and its timings."""
-
-    reply: str
-    reason: str  # "eos", "max_new_tokens", "stopped", "stopped_while_reading"
-    metrics: TurnMetrics
-
-
-Event = Union[PrefillProgress, TokenEvent, TurnEnd]
-
-
-@dataclass(frozen=True)
-class SessionStats:
-    """Cache occupancy next to the conversation it summarizes."""
-
-    cache: CacheStats
-    conversation_tokens: int
-    dense_bytes: int  # a dense Llama cache of the same model holding the whole conversation
-    decoder: str
-    turns: int
+    @property
+    def residence(self) -> str:
+        if self.bucket is not None:
+            return "device"
+        return "host" if self.host is not None else "none"
 
 
 @dataclass
-class _Checkpoint:
-    cache_state: dict[str, torch.Tensor]
-    messages: int
-    epoch: int
-    logits: torch.Tensor | None = None
+class RowSnapshot:
+    """A copy of a row (host memory) to come back to: undo, regenerate, crash recovery."""
+
+    copy: HostCopy | None  # None: the row was empty
+    logits: torch.Tensor | None = None  # pending logits at that point, when asked for
 
 
-class ChatSession:
-    """One conversation: messages, their tokens, the cache, sampling and timings."""
+@dataclass
+class EngineStats:
+    """What the engine holds and does, for the panel and the benchmarks."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        system_prompt: str | None = None,
-        cache_settings: CacheSettings = CacheSettings(),
-        sampling: SamplingSettings = SamplingSettings(),
-        prefill_chunk: int = 256,
-        seed: int | None = None,
-        decoder_factory=make_decoder,
-    ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+    device: str
+    buckets: list[dict]
+    rows_on_device: int
+    rows_on_host: int
+    rows_lost: int
+    host_mb: float
+    generating: int
+    reading: int
+    waiting: int
+    steps: int
+    tokens: int
+    compiling: int
+    counters: Counters
+
+
+class EngineError(RuntimeError):
+    """A job failed in the engine (out of memory, a closed engine...); the message is for users."""
+
+
+class JobStream:
+    """Events of one job from the engine's thread to its owner's: iterate to receive them."""
+
+    def __init__(self) -> None:
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.reason: str | None = None  # set when the job ends
+        self.error: Exception | None = None
+        self._sent = 0
+        self._taken = 0
+
+    @property
+    def backlog(self) -> int:
+        """Events sent that the owner has not taken yet."""
+        return self._sent - self._taken
+
+    def put(self, event) -> None:
+        self._sent += 1
+        self._events.put(event)
+
+    def end(self, reason: str) -> None:
+        self.reason = reason
+        self._events.put(_END)
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.reason = "error"
+        self._events.put(_END)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            event = self._events.get()
+            if event is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            self._taken += 1
+            yield event
+
+
+_END = object()
+
+
+@dataclass
+class _Prefill:
+    row: Row
+    ids: list[int]
+    chunk: int
+    stop: threading.Event
+    stream: JobStream = field(default_factory=JobStream)
+    done: int = 0
+
+
+@dataclass
+class _Generate:
+    row: Row
+    settings: SamplingSettings
+    stop_ids: frozenset[int]
+    stop: threading.Event
+    stream: JobStream = field(default_factory=JobStream)
+    tokens: list[int] = field(default_factory=list)  # every token fed to the cache, final at the end
+    last: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """The device's one scheduler: batched decode steps, bounded prefill chunks, offloading."""
+
+    def __init__(self, model, settings: EngineSettings | None = None) -> None:
         self.model = model
-        self.format = ChatFormat(tokenizer)
-        self.sampling = sampling
-        self.prefill_chunk = prefill_chunk
-        self.metrics = ConversationMetrics()
-        self._decoder_factory = decoder_factory
-        self._generator = torch.Generator(device=model.device)
-        if seed is not None:
-            self._generator.manual_seed(seed)
-        self._lock = threading.Lock()
-        self._gpu = gpu_lock(model.device)  # shared by every session on the GPU: see gpu_lock
-        self._stop = threading.Event()
-        self._system_prompt = self._check_system_prompt(system_prompt)
-        self._cache_settings = cache_settings
-        self._sink: int | None = None  # sink size in use: settings.sink or the pinned prefix, if longer
-        self._messages: list[dict] = []
-        self._segments: list[list[int]] = []  # tokens each message added, aligned with messages
-        self._segment_texts: list[str] = []
-        self._token_count = 0
-        self._cache: SinkWindowCache | None = None
-        self._decoder = None
-        self._stale = True  # cache does not reflect the transcript
-        self._epoch = 0
-        self._undo_point: _Checkpoint | None = None
-        self._regen_point: _Checkpoint | None = None
+        self.device = model.device
+        self.settings = settings or EngineSettings.for_device(self.device)
+        self.counters = Counters()
+        self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
+                                    prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0")
+        self._compiler = SideCompiler() if self.settings.compile else None
+        if self.settings.compile:
+            _persistent_compile_cache()
+        self._buckets: dict[tuple[int, int], Bucket] = {}
+        self._rows: weakref.WeakSet[Row] = weakref.WeakSet()
+        self._host_bytes = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._prefills: list[_Prefill] = []
+        self._waiting: list = []  # jobs that wait for a device row
+        self._steps = 0
+        self._tokens = 0
+        self._last_housekeeping = time.monotonic()
+        self._closed = False
+        self.started_in_s = 0.0
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._inbox),
+                                        name="lckv-engine", daemon=True)
+        self._thread.start()
+        if self.settings.warm_shape is not None:
+            started = time.perf_counter()
+            self._call(lambda: self._bucket(bucket_shape(*self.settings.warm_shape)))
+            self.started_in_s = time.perf_counter() - started
 
-    # ---- reading state ------------------------------------------------------------------------
+    @classmethod
+    def shared(cls, model) -> "Engine":
+        """The engine of `model` (made on first use with the device's defaults)."""
+        engine = getattr(model, "_lckv_engine", None)
+        if engine is None or engine._closed:
+            engine = cls(model)
+            object.__setattr__(model, "_lckv_engine", engine)  # not a submodule or parameter
+        return engine
+
+    # ---- rows (any thread) --------------------------------------------------------------------
+    def open_row(self, sink: int, window: int, seed: int | None = None) -> Row:
+        """A new, empty row of this sink and window; `seed` fixes its random stream (default: random)."""
+        row = Row(sink, window, secrets.randbits(63) if seed is None else seed)
+        self._rows.add(row)
+        return row
+
+    def close_row(self, row: Row) -> None:
+        """Give the row's memory back (a stream it runs is stopped first)."""
+        if not row.closed and not self._closed:
+            self._call(lambda: self._close(row))
+
+    def release_row(self, row: Row) -> None:
+        """`close_row` without waiting for it (from finalizers: any thread, never blocks)."""
+        if not row.closed and not self._closed:
+            self._inbox.put((lambda: self._close(row), Future()))
+
     @property
-    def messages(self) -> list[dict]:
-        return [dict(message) for message in self._messages]
+    def dense_bytes_per_token(self) -> int:
+        """KV bytes per token of a dense Llama cache of the same model, in the cache's dtype."""
+        config = self.model.config
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
 
-    @property
-    def system_prompt(self) -> str | None:
-        return self._system_prompt
+    def resize(self, row: Row, sink: int, window: int) -> None:
+        """New sizes for the row; it is emptied (its owner re-encodes what it should hold)."""
+        self._call(lambda: self._resize(row, sink, window))
 
-    @property
-    def cache_settings(self) -> CacheSettings:
-        return self._cache_settings
+    def reset(self, row: Row) -> None:
+        """Empty the row, keeping its sizes."""
+        self._call(lambda: self._reset(row))
 
-    @property
-    def transcript(self) -> list[int]:
-        """Every token the conversation has encoded, in order."""
-        return [token for segment in self._segments for token in segment]
+    def snapshot(self, row: Row, with_logits: bool = False, into: RowSnapshot | None = None) -> RowSnapshot:
+        """A host copy of the row (reusing `into`'s buffers when it fits), with its pending logits."""
+        return self._call(lambda: self._snapshot(row, with_logits, into))
 
-    @property
-    def generating(self) -> bool:
-        return self._lock.locked()
+    def restore(self, row: Row, snapshot: RowSnapshot) -> None:
+        """Put the row back as `snapshot` has it (pending logits included when it has them)."""
+        self._call(lambda: self._restore(row, snapshot))
 
-    def stats(self) -> SessionStats:
-        with self._gpu:  # the first call makes the cache and its decoder; reading counts synchronizes
-            cache = self._ensure_cache(rebuild=False)
-            cache_stats = cache.stats()
-        return SessionStats(
-            cache=cache_stats,
-            conversation_tokens=self._token_count,
-            dense_bytes=self._token_count * cache.dense_bytes_per_token,
-            decoder=self._decoder.name,
-            turns=sum(1 for m in self._messages if m["role"] == "user"),
+    def held_indices(self, row: Row) -> list[int]:
+        """Stream indices of the tokens the row holds, in stream order."""
+        return self._call(lambda: self._held_indices(row))
+
+    def row_stats(self, row: Row) -> CacheStats:
+        """The row's cache numbers, from the host's knowledge alone (no device work, any thread)."""
+        return row_stats(_RowAccounting(self.model, row), 0, row.seen)
+
+    def decoder_name(self, row: Row) -> str:
+        """The step that serves the row now (its batch size class while it generates)."""
+        bucket = row.bucket or self._buckets.get(bucket_shape(row.sink, row.window))
+        if bucket is None:
+            return "eager" if not self.settings.graphs else "cuda-graph (not built yet)"
+        generating = sum(1 for r in bucket.occupant if r is not None and isinstance(r.job, _Generate))
+        return bucket.decoder_name(batch_class(max(1, min(generating, bucket.rows))))
+
+    # ---- jobs (any thread) --------------------------------------------------------------------
+    def prefill(self, row: Row, token_ids: list[int], chunk: int, stop: threading.Event) -> JobStream:
+        """Encode `token_ids` into the row, at most `chunk` per event (done counts); the stream ends
+        with reason "done", or "stopped" when `stop` was set before the end (what was encoded stays)."""
+        job = _Prefill(row, list(token_ids), chunk, stop)
+        if not job.ids:
+            job.stream.end("done")
+            return job.stream
+        self._submit(job)
+        return job.stream
+
+    def generate(self, row: Row, settings: SamplingSettings, stop_ids: frozenset[int],
+                 stop: threading.Event) -> tuple[JobStream, list[int]]:
+        """Generate from the row's pending logits: events (token id, ms since the row's previous
+        token); reasons "eos", "max_new_tokens", "stopped". Returns the stream and the list of every
+        token fed to the cache (complete once the stream has ended)."""
+        job = _Generate(row, settings, frozenset(stop_ids), stop)
+        self._submit(job)
+        return job.stream, job.tokens
+
+    # ---- the engine as a whole ----------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        rows = list(self._rows)
+        buckets = [{"sink": shape[0], "window": shape[1], "rows": bucket.rows,
+                    "rows_used": sum(r is not None for r in bucket.occupant),
+                    "mb": bucket.rows * bucket.row_bytes / MB} for shape, bucket in list(self._buckets.items())]
+        return EngineStats(
+            device=str(self.device), buckets=buckets,
+            rows_on_device=sum(r.residence == "device" for r in rows),
+            rows_on_host=sum(r.residence == "host" for r in rows),
+            rows_lost=sum(r.lost for r in rows), host_mb=self._host_bytes / MB,
+            generating=sum(isinstance(r.job, _Generate) for r in rows),
+            reading=len(self._prefills), waiting=len(self._waiting),
+            steps=self._steps, tokens=self._tokens,
+            compiling=self._compiler.pending if self._compiler else 0, counters=self.counters,
         )
 
-    # ---- turns --------------------------------------------------------------------------------
-    def send(self, message: str, sampling: SamplingSettings | None = None) -> Iterator[Event]:
-        """Stream the reply to `message`: PrefillProgress (long messages), TokenEvents, then TurnEnd.
+    def close(self) -> None:
+        """Stop the scheduler; running jobs end with an error."""
+        if not self._closed:
+            self._call(self._shutdown)
 
-        Bad input raises ChatError at once; a second concurrent call raises ChatError when iterated.
-        """
-        text = clean_message(message)
-        return self._taking_turns(self._turn(text, sampling or self.sampling))
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _submit(self, job) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
+        self._inbox.put(job)
 
-    def regenerate(self, sampling: SamplingSettings | None = None) -> Iterator[Event]:
-        """Drop the last reply and stream a new one to the same message."""
-        if not self._messages or self._messages[-1]["role"] != "assistant":
-            raise ChatError("there is no reply to regenerate yet")
-        return self._taking_turns(self._regenerate(sampling or self.sampling))
+    def _call(self, function: Callable):
+        """Run `function` on the engine's thread between steps and return its result."""
+        if threading.current_thread() is self._thread:
+            return function()
+        if self._closed:
+            raise EngineError("the engine is closed")
+        future: Future = Future()
+        self._inbox.put((function, future))
+        return future.result()
 
-    def stop(self) -> None:
-        """Ask a streaming reply to end after the current token; the cache stays consistent."""
-        self._stop.set()
+    def _iteration(self, block: bool) -> None:
+        """One pass of the scheduler loop (the engine's thread only)."""
+        self._receive(block)
+        if self._compiler is not None:
+            self._compiler.install_ready(self.counters)
+        self._admit_waiting()
+        for bucket in list(self._buckets.values()):
+            self._decode(bucket)
+        self._prefill_chunk()
+        if time.monotonic() - self._last_housekeeping > 1.0:
+            self._housekeeping()
 
-    def undo(self) -> None:
-        """Remove the last user message and its reply."""
-        with self._exclusive(), self._gpu:
-            users = [i for i, m in enumerate(self._messages) if m["role"] == "user"]
-            if not users:
-                raise ChatError("there is nothing to undo")
-            self._truncate(users[-1], self._undo_point)
+    def _busy(self) -> bool:
+        return bool(self._prefills or self._waiting or any(isinstance(r.job, _Generate) for r in list(self._rows)))
 
-    def clear(self) -> None:
-        """Start a new conversation with the same settings (buffers are reused)."""
-        with self._exclusive(), self._gpu:
-            self._truncate(0, None)
-
-    def configure(
-        self,
-        system_prompt: str | None | object = _UNCHANGED,
-        cache_settings: CacheSettings | None = None,
-    ) -> str:
-        """Change the system prompt and/or cache size; applied at the next turn. Returns what happens."""
-        with self._exclusive():
-            notes = []
-            if system_prompt is not _UNCHANGED and system_prompt != self._system_prompt:
-                self._system_prompt = self._check_system_prompt(system_prompt)
-                self._sink = None
-                if self._messages:
-                    self._retemplate_first_message()
-                self._stale = True
-                notes.append("system prompt updated")
-            if cache_settings is not None and cache_settings != self._cache_settings:
-                self._cache_settings = cache_settings
-                self._sink = None
-                self._stale = True
-                notes.append(
-                    f"cache set to {cache_settings.sink} sink + {cache_settings.window} window tokens"
-                )
-            if not notes:
-                return "nothing changed"
-            if self._messages:
-                notes.append("the cache is rebuilt from the transcript (pinned prefix + most recent tokens) at the next turn")
-            return "; ".join(notes)
-
-    # ---- internals ----------------------------------------------------------------------------
-    def _taking_turns(self, events: Iterator[Event]) -> Iterator[Event]:
-        """`events` run under the GPU lock from one event to the next, and without it while the
-        caller handles an event: sessions on other threads take turns on the GPU in between."""
+    def _receive(self, block: bool) -> None:
         try:
-            while True:
-                with self._gpu:
-                    event = next(events, None)
-                if event is None:
-                    return
-                yield event
-        finally:
-            with self._gpu:
-                events.close()  # a stream left early: its clean-up touches the cache too
-
-    def _exclusive(self):
-        if not self._lock.acquire(blocking=False):
-            raise ChatError("busy: a reply is still streaming; press Stop or wait for it to finish")
-        return _Release(self._lock)
-
-    def _check_system_prompt(self, system_prompt: str | None) -> str | None:
-        if system_prompt is None or not str(system_prompt).strip():
-            return None
-        text = clean_message(system_prompt)
-        if len(self.format.encode(text)) > MAX_PINNED:
-            raise ChatError(f"the system prompt is too long: keep it under {MAX_PINNED} tokens")
-        return text
-
-    def _conversation(self, messages: list[dict] | None = None) -> list[dict]:
-        system = [{"role": "system", "content": self._system_prompt}] if self._system_prompt else []
-        return system + (self._messages if messages is None else messages)
-
-    def _turn(self, text: str, sampling: SamplingSettings) -> Iterator[Event]:
-        with self._exclusive():
-            self._stop.clear()
-            cache = self._ensure_cache(rebuild=True)
-            self._undo_point = self._checkpoint(self._undo_point)
-            delta = self.format.new_turn_text(self._conversation(), text, self._segment_texts)
-            ids = self.format.encode(delta)
-            turn = TurnMetrics(prompt_tokens=len(ids))
-            started = time.perf_counter()
-            watch = Stopwatch()
-            user_index = len(self._messages)
-            self._append_message({"role": "user", "content": text}, [], delta)
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._take(item)
             try:
-                logits = None
-                for done, logits in prefill_in_chunks(self._decoder, ids, self.prefill_chunk, cache.device):
-                    self._extend_last_segment(ids[len(self._segments[-1]) : done])
-                    if len(ids) > self.prefill_chunk:
-                        yield PrefillProgress(done, len(ids))
-                        if self._stop.is_set() and done < len(ids):
-                            self._truncate(user_index, self._undo_point)
-                            yield TurnEnd("", "stopped_while_reading", turn)
-                            return
-                synchronize(cache.device)
-                turn.prefill_ms = watch.lap()
-                self._regen_point = self._checkpoint(self._regen_point, logits)
-                yield from self._generate(logits, sampling, turn, started)
-            except torch.OutOfMemoryError as error:
-                self._fail_out_of_memory(user_index, self._undo_point, error)
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
-    def _regenerate(self, sampling: SamplingSettings) -> Iterator[Event]:
-        with self._exclusive():
-            started = time.perf_counter()
-            self._stop.clear()
-            self._truncate(len(self._messages) - 1, self._regen_point)
-            logits = self._regen_point.logits if self._is_current(self._regen_point) else None
-            if logits is None:
-                logits = self._rebuild()
-                self._regen_point = self._checkpoint(self._regen_point, logits)
-            turn = TurnMetrics(prompt_tokens=len(self._segments[-1]))
-            keep = len(self._messages)
+    def _take(self, item) -> None:
+        if isinstance(item, tuple):
+            function, future = item
             try:
-                yield from self._generate(logits.clone(), sampling, turn, started)
-            except torch.OutOfMemoryError as error:
-                self._fail_out_of_memory(keep, self._regen_point, error)
-
-    def _generate(
-        self, logits: torch.Tensor, sampling: SamplingSettings, turn: TurnMetrics, started: float
-    ) -> Iterator[Event]:
-        device = self._cache.device
-        self._append_message({"role": "assistant", "content": ""}, [], "")
-        generated: list[int] = []
-        shown = ""
-        reason = "max_new_tokens"
-        watch = Stopwatch()
-        try:
-            for index in range(sampling.max_new_tokens):
-                watch.lap()  # time the consumer spent between tokens is not model latency
-                # Feed the token before showing it: whatever stops the stream, cache == transcript.
-                # The step is queued before the id is read, so the GPU never waits for the host.
-                token, logits = self._decoder.sample_and_step(logits, sampling, self._generator)
-                token_id = int(token[0])
-                generated.append(token_id)
-                self._extend_last_segment([token_id])
-                synchronize(device)
-                latency = watch.lap()
-                turn.token_ms.append(latency)
-                self.metrics.record_token(latency)
-                if index == 0:
-                    turn.ttft_ms = (time.perf_counter() - started) * 1e3
-                visible = self.format.decode_visible(generated)
-                # Hold back a partial UTF-8 character until the next token completes it.
-                piece = "" if visible.endswith("\ufffd") else visible[len(shown):]
-                shown += piece
-                yield TokenEvent(piece, token_id, latency, index)
-                if token_id in self.format.stop_ids:
-                    reason = "eos"
-                    break
-                if self._stop.is_set():
-                    reason = "stopped"
-                    break
-        finally:
-            reply = self.format.decode_visible(generated)
-            self._messages[-1]["content"] = reply
-            self._segment_texts[-1] = self.format.decode(generated)
-            turn.stop_reason = reason
-            self.metrics.record_turn(turn)
-        yield TurnEnd(reply, reason, turn)
-
-    def _append_message(self, message: dict, ids: list[int], text: str) -> None:
-        self._messages.append(message)
-        self._segments.append(list(ids))
-        self._segment_texts.append(text)
-        self._token_count += len(ids)
-
-    def _extend_last_segment(self, ids: list[int]) -> None:
-        self._segments[-1].extend(ids)
-        self._token_count += len(ids)
-
-    def _truncate(self, keep_messages: int, checkpoint: _Checkpoint | None) -> None:
-        """Keep the first `keep_messages` messages; restore the cache from a checkpoint that fits."""
-        del self._messages[keep_messages:]
-        del self._segment_texts[keep_messages:]
-        for segment in self._segments[keep_messages:]:
-            self._token_count -= len(segment)
-        del self._segments[keep_messages:]
-        if keep_messages == 0 and self._cache is not None:
-            self._cache.reset()
-            self._epoch += 1
-            self._stale = False
-        elif checkpoint is not None and self._is_current(checkpoint) and checkpoint.messages == keep_messages:
-            self._cache.restore(checkpoint.cache_state)
+                future.set_result(function())
+            except BaseException as error:  # handed to the caller's thread
+                future.set_exception(error)
+        elif self._closed:
+            item.stream.fail(EngineError("the engine is closed"))
         else:
-            self._stale = True
+            self._waiting.append(item)
 
-    def _checkpoint(self, reuse: _Checkpoint | None, logits: torch.Tensor | None = None) -> _Checkpoint:
-        fits = reuse is not None and reuse.epoch == self._epoch
-        state = self._cache.snapshot(into=reuse.cache_state if fits else None)
-        saved_logits = None if logits is None else logits.detach().clone()
-        return _Checkpoint(state, len(self._messages), self._epoch, saved_logits)
+    # ---- residency ----------------------------------------------------------------------------
+    def _bucket(self, shape: tuple[int, int]) -> Bucket:
+        if shape not in self._buckets:
+            sink, window = shape
+            fit = int(self.settings.bucket_mb * MB // _row_bytes(self.model, sink, window))
+            rows = 1
+            while rows * 2 <= min(fit, self.settings.max_batch):
+                rows *= 2
+            self._buckets[shape] = Bucket(self.model, sink, window, rows, self._options, self.counters,
+                                          self._compiler)
+        return self._buckets[shape]
 
-    def _is_current(self, checkpoint: _Checkpoint | None) -> bool:
-        return checkpoint is not None and checkpoint.epoch == self._epoch and not self._stale
+    def _make_resident(self, row: Row) -> bool:
+        """Give the row a device row of its bucket (restoring its host copy); False when every row
+        of that bucket is busy."""
+        if row.bucket is not None:
+            return True
+        bucket = self._bucket(bucket_shape(row.sink, row.window))
+        free = bucket.free_rows()
+        if not free:
+            idle = [r for r in bucket.occupant if r is not None and r.job is None]
+            if not idle:
+                return False
+            self._offload(min(idle, key=lambda r: r.last_used))
+            free = bucket.free_rows()
+        index = free[0]
+        bucket.occupant[index] = row
+        row.bucket, row.index = bucket, index
+        if row.host is not None:
+            bucket.cache.load_row(index, row.host.state)
+            self._host_bytes -= row.host.nbytes
+            row.host = None
+        else:
+            bucket.cache.set_row_size(index, row.sink, row.window)
+            row.seen = 0
+        return True
 
-    def _sink_size(self) -> int:
-        if self._sink is None:
-            settings = self._cache_settings
-            pinned = self.format.pinned_prefix_length(self._system_prompt) if settings.pin_system_prompt else 0
-            self._sink = max(settings.sink, pinned)
-        return self._sink
+    def _offload(self, row: Row) -> None:
+        """Copy a device row to host memory and free it."""
+        bucket, index = row.bucket, row.index
+        state = bucket.cache.row_state(index, pin=self.device.type == "cuda")
+        row.host = HostCopy(state, bucket.shape, row.seen, bucket.row_bytes)
+        self._host_bytes += row.host.nbytes
+        self._free_device_row(row)
+        self._enforce_host_budget()
 
-    def _cache_shape_changed(self) -> bool:
-        return (self._cache.sink, self._cache.window) != (self._sink_size(), self._cache_settings.window)
+    def _free_device_row(self, row: Row) -> None:
+        if row.bucket is not None:
+            row.bucket.occupant[row.index] = None
+            row.bucket, row.index = None, None
 
-    def _ensure_cache(self, rebuild: bool) -> SinkWindowCache:
-        if self._cache is None or self._cache_shape_changed():
-            self._cache = None  # free the old buffers before allocating new ones
-            self._cache = self.model.new_cache(self._sink_size(), self._cache_settings.window)
-            self._decoder = self._decoder_factory(self.model, self._cache)
-            self._epoch += 1
-            self._stale = bool(self._segments)
-        if rebuild and self._stale:
-            self._rebuild()
-        return self._cache
+    def _enforce_host_budget(self) -> None:
+        """Past the host budget, the longest-idle host copies are dropped: their owners re-encode."""
+        budget = self.settings.host_mb * MB
+        while self._host_bytes > budget:
+            hosted = [r for r in list(self._rows) if r.host is not None]
+            if not hosted:
+                return
+            oldest = min(hosted, key=lambda r: r.last_used)
+            self._host_bytes -= oldest.host.nbytes
+            oldest.host, oldest.seen, oldest.lost = None, 0, True
 
-    def _rebuild(self) -> torch.Tensor | None:
-        """Re-encode the transcript: all of it if it fits, else the pinned prefix + the latest tokens."""
-        cache = self._cache
-        cache.reset()
-        self._epoch += 1
-        tokens = self.transcript
-        if len(tokens) > cache.capacity:
-            tokens = tokens[: cache.sink] + tokens[-cache.window :]
+    def _housekeeping(self) -> None:
+        self._last_housekeeping = now = time.monotonic()
+        for row in list(self._rows):
+            if row.bucket is not None and row.job is None and now - row.last_used > self.settings.idle_seconds:
+                self._offload(row)
+
+    # ---- commands (engine thread) ---------------------------------------------------------------
+    def _close(self, row: Row) -> None:
+        if row.job is not None:
+            row.job.stop.set()
+            row.closed = True  # its job ends at the next step and frees the row then
+            return
+        self._free_device_row(row)
+        if row.host is not None:
+            self._host_bytes -= row.host.nbytes
+            row.host = None
+        row.closed = True
+        self._rows.discard(row)
+
+    def _resize(self, row: Row, sink: int, window: int) -> None:
+        self._require_idle(row)
+        if bucket_shape(sink, window) != bucket_shape(row.sink, row.window):
+            self._free_device_row(row)
+        row.sink, row.window = sink, window
+        self._reset(row)
+
+    def _reset(self, row: Row) -> None:
+        self._require_idle(row)
+        if row.host is not None:
+            self._host_bytes -= row.host.nbytes
+            row.host = None
+        if row.bucket is not None:
+            row.bucket.cache.set_row_size(row.index, row.sink, row.window)
+        row.seen, row.lost = 0, False
+        row.last_used = time.monotonic()
+
+    def _snapshot(self, row: Row, with_logits: bool, into: RowSnapshot | None) -> RowSnapshot:
+        self._require_idle(row)
         logits = None
-        for _, logits in prefill_in_chunks(self._decoder, tokens, self.prefill_chunk, cache.device):
-            pass
-        self._stale = False
-        return logits
+        if row.bucket is not None:
+            bucket = row.bucket
+            reuse = into.copy.state if into is not None and into.copy is not None and into.copy.shape == bucket.shape else None
+            state = bucket.cache.row_state(row.index, into=reuse, pin=self.device.type == "cuda")
+            copy = HostCopy(state, bucket.shape, row.seen, bucket.row_bytes)
+            if with_logits:
+                logits = bucket.next_logits[row.index].to("cpu", copy=True)
+        elif row.host is not None:
+            copy = HostCopy({k: v.clone() for k, v in row.host.state.items()}, row.host.shape, row.seen, row.host.nbytes)
+        else:
+            copy = None
+        return RowSnapshot(copy, logits)
 
-    def _retemplate_first_message(self) -> None:
-        """The system prompt lives in the first message's template text: render that again."""
-        first = self._messages[0]
-        text = self.format.new_turn_text([], first["content"], [])
-        ids = self.format.encode(text)
-        self._token_count += len(ids) - len(self._segments[0])
-        self._segments[0], self._segment_texts[0] = ids, text
+    def _restore(self, row: Row, snapshot: RowSnapshot) -> None:
+        self._require_idle(row)
+        copy = snapshot.copy
+        if copy is None:
+            self._reset(row)
+            return
+        if copy.shape != bucket_shape(row.sink, row.window):
+            raise ValueError("the snapshot was taken with other cache sizes")
+        if row.bucket is not None:
+            row.bucket.cache.load_row(row.index, copy.state)
+            if snapshot.logits is not None:
+                row.bucket.next_logits[row.index].copy_(snapshot.logits)
+        else:
+            if row.host is not None:
+                self._host_bytes -= row.host.nbytes
+            row.host = HostCopy({k: v.clone() for k, v in copy.state.items()}, copy.shape, copy.seen, copy.nbytes)
+            self._host_bytes += copy.nbytes
+            if snapshot.logits is not None:  # pending logits need the device row
+                self._make_resident(row)
+                row.bucket.next_logits[row.index].copy_(snapshot.logits)
+        row.seen, row.lost = copy.seen, False
+        row.last_used = time.monotonic()
 
-    def _fail_out_of_memory(self, keep_messages: int, checkpoint: _Checkpoint | None, error: Exception) -> None:
-        """Drop what the failed turn added, free cached GPU blocks, and report; the session stays usable."""
-        self._truncate(keep_messages, checkpoint)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise ChatError(
-            "out of GPU memory while answering: nothing from this turn was kept; "
-            "try a smaller window or a shorter message"
-        ) from error
+    def _held_indices(self, row: Row) -> list[int]:
+        if row.bucket is not None:
+            return row.bucket.cache.held_indices(row.index)
+        if row.host is not None:
+            return sorted(i for i in row.host.state["token_index"][0].tolist() if i >= 0)
+        return []
+
+    def _require_idle(self, row: Row) -> None:
+        if row.job is not None:
+            raise EngineError("the row is busy with a job")
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for job in self._prefills + self._waiting:
+            job.stream.fail(EngineError("the engine was closed"))
+        for row in list(self._rows):
+            if row.job is not None:
+                row.job.stream.fail(EngineError("the engine was closed"))
+                row.job = None
+        self._prefills, self._waiting = [], []
+
+    # ---- jobs (engine thread) -----------------------------------------------------------------
+    def _admit_waiting(self) -> None:
+        """Jobs start once their row is on the device (in arrival order)."""
+        still = []
+        for job in self._waiting:
+            row = job.row
+            if row.closed or row.job is not None:
+                job.stream.fail(EngineError("the row is closed" if row.closed else "the row is busy with a job"))
+                continue
+            try:
+                resident = self._make_resident(row)
+            except torch.OutOfMemoryError as error:
+                _release_cached_memory()
+                job.stream.fail(EngineError("out of memory while making room for this conversation"))
+                continue
+            if not resident:
+                still.append(job)
+                continue
+            row.job = job
+            row.last_used = time.monotonic()
+            if isinstance(job, _Prefill):
+                self._prefills.append(job)
+            else:
+                job.last = time.perf_counter()
+        self._waiting = still
+
+    def _end(self, job, reason: str | None = None, error: Exception | None = None) -> None:
+        row = job.row
+        row.job = None
+        row.last_used = time.monotonic()
+        if error is not None:
+            job.stream.fail(error)
+        else:
+            job.stream.end(reason)
+        if row.closed:
+            self._close(row)
+
+    def _decode(self, bucket: Bucket) -> None:
+        jobs = [r.job for r in bucket.occupant if r is not None and isinstance(r.job, _Generate)]
+        for job in jobs:  # a job whose owner left: stop it now, whatever its backlog
+            if job.stop.is_set() and job.tokens:
+                self._end(job, "stopped")
+        jobs = [job for job in jobs if job.row.job is job and job.stream.backlog < RUN_AHEAD]
+        if not jobs:
+            return
+        count = len(jobs)
+        # Generating rows first: a step of class c runs rows [0, c).
+        for job in jobs:
+            if job.row.index >= count:
+                target = next(i for i in range(count) if not isinstance(getattr(bucket.occupant[i], "job", None), _Generate))
+                bucket.swap(job.row.index, target)
+        jobs.sort(key=lambda job: job.row.index)
+        try:
+            tokens = bucket.step(batch_class(count), count, [j.settings for j in jobs], [j.row.seed for j in jobs],
+                                 [j.row.draws for j in jobs]).tolist()
+        except torch.OutOfMemoryError:
+            _release_cached_memory()
+            for job in jobs:
+                self._end(job, error=EngineError("out of memory while generating"))
+            return
+        except Exception as error:  # a failed step fails its jobs, not the engine
+            for job in jobs:
+                self._end(job, error=EngineError(f"decoding failed: {error}"))
+            return
+        now = time.perf_counter()
+        self._steps += 1
+        self._tokens += count
+        for job, token in zip(jobs, tokens):
+            row = job.row
+            row.seen += 1
+            row.draws += 1
+            job.tokens.append(token)
+            job.stream.put((token, (now - job.last) * 1e3))
+            job.last = now
+            if token in job.stop_ids:
+                self._end(job, "eos")
+            elif len(job.tokens) >= job.settings.max_new_tokens:
+                self._end(job, "max_new_tokens")
+            elif job.stop.is_set():
+                self._end(job, "stopped")
+
+    def _prefill_chunk(self) -> None:
+        if not self._prefills:
+            return
+        job = self._prefills.pop(0)
+        row = job.row
+        # Bounded, so that the others' next token is not held up long; the same bound whatever else
+        # runs, so a message is always cut the same way (iterated layer maps depend on the cuts).
+        take = min(job.chunk, self.settings.prefill_tokens, len(job.ids) - job.done)
+        piece = torch.tensor([job.ids[job.done : job.done + take]], dtype=torch.long)
+        try:
+            row.bucket.prefill(row.index, piece.to(self.device, non_blocking=True))
+        except torch.OutOfMemoryError:
+            _release_cached_memory()
+            self._end(job, error=EngineError("out of memory while reading the message"))
+            return
+        except Exception as error:
+            self._end(job, error=EngineError(f"reading the message failed: {error}"))
+            return
+        job.done += take
+        row.seen += take
+        job.stream.put(job.done)
+        if job.done == len(job.ids):
+            self._end(job, "done")
+        elif job.stop.is_set():
+            self._end(job, "stopped")
+        else:
+            self._prefills.append(job)  # rows reading a message take turns, chunk by chunk
 
 
-class _Release:
-    """Context manager that releases an already-acquired lock."""
+def _serve(engine_ref: Callable[[], Engine | None], inbox: queue.SimpleQueue) -> None:
+    """The scheduler thread: holds the engine only while it works, so an unused engine is freed."""
+    while True:
+        engine = engine_ref()
+        if engine is None or engine._closed:
+            return
+        try:
+            engine._iteration(block=not engine._busy())
+        except Exception:  # never let the thread die: a job it was running failed above
+            import traceback
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
+            traceback.print_exc()
+        del engine
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _persistent_compile_cache() -> None:
+    """Compiled steps and autotuning results on disk, next to the base model: a restart is fast."""
+    from .base_model import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def _row_bytes(model, sink: int, window: int) -> int:
+    """Bytes of one row of a bucket of this shape (what `SinkWindowCache.row_bytes` gives), from the
+    model's config and dtype, without allocating it."""
+    config = model.config
+    producers = len(config.layer_map.producers)
+    element = torch.empty((), dtype=model.dtype).element_size()
+    capacity = sink + window
+    kv = 2 * producers * config.num_key_value_heads * capacity * config.head_dim * element
+    sinks = producers * config.num_key_value_heads * sink * config.head_dim * element
+    return kv + sinks + 2 * capacity * 8 + 8  # + token_index, token_ids, seen
+
+
+class _RowAccounting:
+    """What `row_stats` reads, for one row (its own sizes inside its bucket's shape)."""
+
+    def __init__(self, model, row: Row) -> None:
+        config = model.config
+        element = torch.empty((), dtype=model.dtype).element_size()
+        self.producers = config.layer_map.producers
+        self.num_layers = config.num_hidden_layers
+        self.bytes_per_token = len(self.producers) * 2 * config.num_key_value_heads * config.head_dim * element
+        self.dense_bytes_per_token = self.bytes_per_token // len(self.producers) * self.num_layers
+        self.row_bytes = _row_bytes(model, *bucket_shape(row.sink, row.window))
+        self._size = (row.sink, row.window)
+
+    def row_size(self, row: int = 0) -> tuple[int, int]:
+        return self._size

@@ -121,3 +121,106 @@ def sample_with_noise(
     probs, ids = next_token_distribution(logits, settings, previous, held)
     choice = (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)
     return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
+
+
+# ---- batched sampling: every row with its own settings and its own stream of random draws ------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(x * factor) mod 2^32 for x < 2^32 in int64, without int64 overflow (16-bit halves)."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * factor + (((high * factor) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def draw_noise(seeds: torch.Tensor, draws: torch.Tensor, width: int) -> torch.Tensor:
+    """Exp(1) noise [batch, width] for each row's `draws`-th draw from its own `seeds` [batch].
+
+    Counter-based: a row's draws depend on its seed and count alone, never on the rows it is batched
+    with or on the order of other work, and computing them is a few elementwise kernels a CUDA graph
+    can replay (a torch.Generator per row would cost a launch per row per token)."""
+    seeds, draws = seeds.view(-1, 1), draws.view(-1, 1)
+    h = torch.full_like(seeds, 0x9E3779B9)
+    for part in (seeds & _M32, (seeds >> 32) & _M32, draws & _M32, (draws >> 32) & _M32):
+        h = _mix32(h ^ part)
+    h = _mix32(h ^ torch.arange(width, device=seeds.device).view(1, -1))
+    uniform = (h.double() + 0.5) / 2.0**32  # in (0, 1): never 0, never 1
+    return (-torch.log(uniform)).float()
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling parameters as tensors [batch] (one entry per row of a batched step)."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    seeds: torch.Tensor
+    draws: torch.Tensor
+
+    @classmethod
+    def of(cls, settings: list[SamplingSettings], seeds: list[int], draws: list[int],
+           device: torch.device | str = "cpu") -> "RowSampling":
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(column([s.temperature for s in settings], torch.float32),
+                   column([s.top_p for s in settings], torch.float32),
+                   column([s.repetition_penalty for s in settings], torch.float32),
+                   column(seeds, torch.long), column(draws, torch.long))
+
+
+def width_of(settings: SamplingSettings, vocab_size: int) -> int:
+    """Candidates a row's draw is among: its top_k, or the whole vocabulary. Rows are batched by
+    width, so that a row's arithmetic has the same shapes whatever it is batched with."""
+    return candidate_count(settings, vocab_size)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    rows: RowSampling,
+    width: int,
+    previous: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next token ids [batch] from logits [batch, vocab], each row with its own temperature (0:
+    greedy), top-p, repetition penalty and noise, among its `width` best candidates (the whole
+    vocabulary, sorted, when width is the vocabulary size). Each row's result depends on that row
+    alone: the same row gives the same token in a batch of one or of sixty-four."""
+    logits = logits.float()
+    if previous is not None:
+        logits = penalize_rows(logits, previous, held, rows.repetition_penalty)
+    greedy = logits.argmax(dim=-1)
+    temperature = rows.temperature.view(-1, 1)
+    scaled = logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    if width < logits.shape[-1]:
+        values, ids = torch.topk(scaled, width, dim=-1)
+    else:
+        values, ids = torch.sort(scaled, descending=True, dim=-1)
+    probs = torch.softmax(values, dim=-1)
+    top_p = rows.top_p.view(-1, 1)
+    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+    probs = probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0), 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    noise = draw_noise(rows.seeds, rows.draws, width)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)
+    return torch.where(rows.temperature > 0, ids.gather(1, choice).squeeze(1), greedy)
+
+
+def penalize_rows(logits: torch.Tensor, previous: torch.Tensor, held: torch.Tensor,
+                  penalty: torch.Tensor) -> torch.Tensor:
+    """`penalize_repeats` with a penalty per row [batch] (1.0 leaves a row exactly as it was)."""
+    counts = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, previous, held.to(torch.int32))
+    penalty = penalty.view(-1, 1)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)

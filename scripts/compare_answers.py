@@ -15,7 +15,7 @@ from lckv_stream import identity_map  # noqa: E402
 from lckv_stream.base_model import load_base  # noqa: E402
 from lckv_stream.convert import convert_llama  # noqa: E402
 from lckv_stream.default_model import load_default_model  # noqa: E402
-from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd  # noqa: E402
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd  # noqa: E402
 from lckv_stream.sampling import SamplingSettings  # noqa: E402
 
 PROMPTS = [

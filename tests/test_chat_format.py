@@ -5,7 +5,7 @@ import pytest
 from app_support.tiny import tiny_model, tiny_tokenizer
 from lckv_stream import cla_map
 from lckv_stream.chat_format import CHATML_TEMPLATE, ChatFormat
-from lckv_stream.engine import ChatSession, TurnEnd
+from lckv_stream.chat import ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
 
 # SmolLM2-Instruct's template: a default system message when the conversation has none.

@@ -1,6 +1,6 @@
 from app_support.tiny import tiny_model
 from lckv_stream.cli import footer, main
-from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
 
 

@@ -9,7 +9,7 @@ from lckv_stream import LCKVLlamaConfig, identity_map
 from lckv_stream.base_model import cache_dir, cached_gguf, load_base
 from lckv_stream.convert import convert_llama
 from lckv_stream.default_model import DEFAULT_DELTA
-from lckv_stream.engine import ChatSession, TurnEnd
+from lckv_stream.chat import ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
 
 pytestmark = pytest.mark.skipif(

@@ -1,258 +1,259 @@
+"""The serving engine against each conversation alone.
+
+The reference is written apart from the engine: the model run token by token on a cache of exactly
+the conversation's own sink and window (no bucket, no batching), sampled with the same per-row
+sampler and draw numbers. The engine must give every conversation exactly the tokens it gives alone,
+batched with others of other sizes, settings and lengths, joining and leaving mid-stream.
+"""
+
 import threading
+import time
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
-from lckv_stream.chat_format import ChatError
-from lckv_stream.engine import CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
-from lckv_stream.metrics import process_rss_mb
-from lckv_stream.sampling import SamplingSettings
+from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings
+from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
-GREEDY = SamplingSettings(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
-
-
-def session(tokenizer, layer_types=lckv_map(4), sink=4, window=64, **kwargs):
-    model = tiny_model(layer_types, vocab_size=len(tokenizer))
-    kwargs.setdefault("sampling", GREEDY)
-    return ChatSession(model, tokenizer, cache_settings=CacheSettings(sink, window), seed=0, **kwargs)
+STOP_IDS = frozenset({2})
+GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
+HOT = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=12)
+STOPPED = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=40)
+NUCLEUS = SamplingSettings(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=12)
 
 
-def run(events):
-    return list(events)
+@dataclass
+class Spec:
+    """One conversation: its cache sizes, seed, sampling and the prompts of its turns."""
+
+    sink: int
+    window: int
+    seed: int
+    settings: SamplingSettings
+    turns: list[list[int]]
+    stop_after: int | None = None  # stop the first turn's reply after this many tokens
+    tokens: list[list[int]] = field(default_factory=list)
 
 
-def test_a_turn_streams_tokens_then_ends(tokenizer):
-    chat = session(tokenizer)
-    events = run(chat.send("Hello there"))
-    tokens = [e for e in events if isinstance(e, TokenEvent)]
-    assert len(tokens) >= 1 and isinstance(events[-1], TurnEnd)
-    end = events[-1]
-    assert end.reply.startswith("".join(e.text for e in tokens))
-    assert end.metrics.new_tokens == len(tokens) and end.metrics.ttft_ms > 0
-    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+def specs(vocab: int = 300) -> list[Spec]:
+    g = torch.Generator().manual_seed(7)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    long = SamplingSettings(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, max_new_tokens=60)
+    return [
+        Spec(4, 64, 1, GREEDY, [prompt(9), prompt(30)]),
+        Spec(2, 100, 2, HOT, [prompt(70), prompt(5)]),  # its first prompt fills the row past one chunk
+        Spec(10, 40, 3, NUCLEUS, [prompt(3), prompt(20), prompt(11)]),
+        Spec(0, 24, 4, long, [prompt(40)]),  # the ring wraps several times while it generates
+        Spec(4, 300, 5, HOT, [prompt(12), prompt(6)]),  # another bucket (window 512)
+        Spec(4, 64, 6, STOPPED, [prompt(8), prompt(8)], stop_after=3),
+    ]
 
 
-def test_each_turn_encodes_only_its_own_tokens_and_cache_follows_transcript(tokenizer):
-    chat = session(tokenizer, window=400)
-    for text in ("first message", "second one", "third"):
-        before = chat.stats().cache.tokens_seen
-        run(chat.send(text))
-        stats = chat.stats()
-        assert stats.cache.tokens_seen == len(chat.transcript) == stats.conversation_tokens
-        assert stats.cache.tokens_seen > before
-    # The transcript is the template rendering of the conversation (generated ids kept as sampled).
-    rendered = chat.format.render(chat.messages, add_generation_prompt=False)
-    decoded = tokenizer.decode(chat.transcript)
-    assert rendered.startswith(decoded[: decoded.rindex("<|im_start|>assistant")])
+def reference(model, spec: Spec, chunk: int, stopped_at: int | None = None) -> tuple[list[list[int]], torch.Tensor]:
+    """The conversation alone: its own exact-size cache, prompts in chunks of `chunk`, one token at
+    a time; the first reply stopped after `stopped_at` tokens when the conversation stops it (where
+    a stop lands depends on how far the engine ran ahead of its reader)."""
+    vocab = model.config.vocab_size
+    cache = model.new_cache(spec.sink, spec.window)
+    draws, replies = 0, []
+    with torch.inference_mode():
+        for turn, prompt in enumerate(spec.turns):
+            for start in range(0, len(prompt), chunk):
+                logits = model(torch.tensor([prompt[start : start + chunk]]), cache, logits_to_keep=1).logits[:, -1]
+            reply = []
+            limit = spec.settings.max_new_tokens
+            if turn == 0 and stopped_at is not None:
+                limit = stopped_at
+            while len(reply) < limit:
+                rows = RowSampling.of([spec.settings], [spec.seed], [draws])
+                token = sample_rows(logits, rows, width_of(spec.settings, vocab), cache.token_ids, cache.token_index >= 0)
+                draws += 1
+                reply.append(int(token))
+                logits = model(token.view(1, 1), cache, logits_to_keep=1).logits[:, -1]
+                if reply[-1] in STOP_IDS:
+                    break
+            replies.append(reply)
+    return replies, logits[0]
 
 
-def test_stop_mid_stream_keeps_the_cache_consistent(tokenizer):
-    chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50, top_k=0, top_p=1.0))
-    seen = []
-    for event in chat.send("tell me a long story"):
-        seen.append(event)
-        if isinstance(event, TokenEvent) and event.index == 2:
-            chat.stop()
-    assert seen[-1].reason == "stopped" and seen[-1].metrics.new_tokens == 3
-    assert chat.stats().cache.tokens_seen == len(chat.transcript)
-    assert run(chat.send("and then?"))[-1].reason in ("eos", "max_new_tokens")
+def run_conversation(engine: Engine, spec: Spec, chunk: int, start: threading.Barrier | None = None):
+    """The conversation through the engine; returns its replies and its final pending logits."""
+    row = engine.open_row(spec.sink, spec.window, seed=spec.seed)
+    replies = []
+    if start is not None:
+        start.wait()
+    for turn, prompt in enumerate(spec.turns):
+        list(engine.prefill(row, prompt, chunk, threading.Event()))
+        stop = threading.Event()
+        stream, fed = engine.generate(row, spec.settings, STOP_IDS, stop)
+        for count, _ in enumerate(stream, 1):
+            if turn == 0 and count == spec.stop_after:
+                stop.set()
+            if count % 5 == 0:
+                time.sleep(0.002)  # readers at different paces: rows join, pause and leave unevenly
+        replies.append(list(fed))
+    logits = engine.snapshot(row, with_logits=True).logits
+    engine.close_row(row)
+    return replies, logits
 
 
-def test_abandoning_a_stream_releases_the_session(tokenizer):
-    chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50))
-    stream = chat.send("hello")
-    next(stream)
-    assert chat.generating
-    stream.close()
-    assert not chat.generating
-    assert chat.stats().cache.tokens_seen == len(chat.transcript)
-    assert run(chat.send("again"))[-1].reason
+def together(engine: Engine, conversations: list[Spec], chunk: int) -> list:
+    results = [None] * len(conversations)
+    errors = []
+    barrier = threading.Barrier(len(conversations))
+
+    def work(i: int) -> None:
+        try:
+            results[i] = run_conversation(engine, conversations[i], chunk, barrier)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(conversations))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
 
 
-def test_the_gpu_lock_is_held_while_a_turn_runs_and_free_between_events(tokenizer):
-    """Sessions take turns on the GPU between streamed events (a capture must not overlap another
-    session's synchronizations): the lock is held while the turn computes, free while the caller
-    holds an event, and free again once a stream is left early."""
-    chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50))
-    lock = threading.RLock()
-    chat._gpu = lock  # as on CUDA (on CPU the lock is a no-op)
-    held_inside = []
-    original = chat._decoder_factory
-
-    def factory(model, cache):
-        held_inside.append(lock._is_owned())
-        return original(model, cache)
-
-    chat._decoder_factory = factory
-
-    def free_elsewhere() -> bool:
-        result = []
-        worker = threading.Thread(target=lambda: result.append(lock.acquire(blocking=False) and not lock.release()))
-        worker.start()
-        worker.join()
-        return result[0]
-
-    stream = chat.send("hello")
-    for index, event in enumerate(stream):
-        assert not lock._is_owned() and free_elsewhere()
-        if index == 3:
-            break
-    stream.close()
-    assert held_inside == [True]  # the decoder (graph captures) was made under the lock
-    assert free_elsewhere() and not chat.generating
-    assert chat.stats().cache.tokens_seen == len(chat.transcript)
+@pytest.mark.parametrize("layer_types", [cla_map(4, 2), lckv_map(4)])
+def test_conversations_decoded_together_get_exactly_what_each_gets_alone(layer_types):
+    model = tiny_model(layer_types)
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16))
+    conversations = specs()
+    got = together(engine, conversations, chunk=16)
+    for spec, (replies, logits) in zip(conversations, got):
+        stopped_at = None if spec.stop_after is None else len(replies[0])
+        expected, expected_logits = reference(model, spec, chunk=16, stopped_at=stopped_at)
+        assert replies == expected, f"conversation with seed {spec.seed}"
+        assert (logits.float() - expected_logits).abs().max() < 1e-4
+    stopped = len(got[5][0][0])
+    assert 3 <= stopped <= 3 + RUN_AHEAD + 1 < conversations[5].settings.max_new_tokens
+    stats = engine.stats()
+    assert stats.tokens > stats.steps * 1.5, "the conversations were not batched"
+    assert len(stats.buckets) == 2  # windows 24..100 share one shape; 300 has its own
+    engine.close()
 
 
-def test_a_second_concurrent_turn_is_refused_as_busy(tokenizer):
-    chat = session(tokenizer, sampling=SamplingSettings(temperature=1.0, max_new_tokens=50))
-    stream = chat.send("hello")
-    next(stream)
-    with pytest.raises(ChatError, match="busy"):
-        next(chat.send("me too"))
-    with pytest.raises(ChatError, match="busy"):
-        chat.undo()
-    stream.close()
+def test_a_conversation_alone_in_the_engine_equals_it_in_a_crowd():
+    model = tiny_model(cla_map(4, 2))
+    conversations = [spec for spec in specs() if spec.stop_after is None]
+    crowd = together(Engine(model, EngineSettings(max_batch=8, prefill_tokens=16)), conversations, 16)
+    alone_engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16))
+    for spec, (replies, logits) in zip(conversations, crowd):
+        alone_replies, alone_logits = run_conversation(alone_engine, spec, 16)
+        assert alone_replies == replies
+        assert (alone_logits.float() - logits.float()).abs().max() < 1e-5
 
 
-def test_undo_restores_the_exact_state(tokenizer):
-    chat = session(tokenizer)
-    run(chat.send("one"))
-    transcript, messages = chat.transcript, chat.messages
-    first = run(chat.send("two"))[-1].reply
-    chat.undo()
-    assert chat.transcript == transcript and chat.messages == messages
-    assert run(chat.send("two"))[-1].reply == first  # greedy: same cache, same answer
+def test_offloaded_rows_come_back_exactly_and_dropped_ones_are_rebuilt_by_their_owner():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=2, idle_seconds=0.05, prefill_tokens=16))
+    spec = specs()[0]
+    never = Engine(model, EngineSettings(max_batch=2, prefill_tokens=16))
+    expected, _ = run_conversation(never, spec, 16)
+
+    row = engine.open_row(spec.sink, spec.window, seed=spec.seed)
+    replies = []
+    for prompt in spec.turns:
+        list(engine.prefill(row, prompt, 16, threading.Event()))
+        stream, fed = engine.generate(row, spec.settings, STOP_IDS, threading.Event())
+        list(stream)
+        replies.append(list(fed))
+        deadline = time.monotonic() + 10
+        while row.residence != "host" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert row.residence == "host"  # idle: its state waits in host memory, the device row is free
+        assert engine.stats().buckets[0]["rows_used"] == 0
+    assert replies == expected
+    assert not row.lost
 
 
-def test_regenerate_replaces_only_the_reply(tokenizer):
-    chat = session(tokenizer)
-    run(chat.send("one"))
-    reply = run(chat.send("two"))[-1].reply
-    count = len(chat.messages)
-    again = run(chat.regenerate())[-1].reply
-    assert again == reply and len(chat.messages) == count
-    with pytest.raises(ChatError, match="no reply"):
-        fresh = session(tokenizer)
-        fresh.regenerate()
+def test_past_the_host_budget_the_oldest_idle_rows_are_dropped():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=1, host_mb=0.3, prefill_tokens=16))
+    rows = [engine.open_row(4, 64, seed=i) for i in range(4)]
+    for row in rows:  # one device row: each new one pushes the previous to the host
+        list(engine.prefill(row, [5, 6, 7], 16, threading.Event()))
+    host_row_mb = engine.stats().host_mb
+    assert rows[-1].residence == "device"
+    lost = [row for row in rows if row.lost]
+    assert lost and all(row.residence == "none" and row.seen == 0 for row in lost)
+    assert host_row_mb <= 0.3
+    kept = [row for row in rows[:-1] if not row.lost]
+    assert all(row.residence == "host" and row.seen == 3 for row in kept)
+    assert engine.held_indices(kept[0]) == [0, 1, 2]
 
 
-def test_rebuild_after_resizing_equals_a_cache_built_with_that_size(tokenizer):
-    # A CLA map has no iterated layers, so encoding the transcript at once is exact.
-    chat = session(tokenizer, cla_map(4, 2), window=100)
-    other = session(tokenizer, cla_map(4, 2), window=200)
-    for text in ("one", "two", "three"):
-        run(chat.send(text))
-        run(other.send(text))
-    assert len(chat.transcript) <= 100  # everything fit before the resize: the rebuild must be exact
-    note = chat.configure(cache_settings=CacheSettings(4, 200))
-    assert "next turn" in note
-    assert run(chat.send("four"))[-1].reply == run(other.send("four"))[-1].reply
-    assert chat.stats().cache.tokens_seen == len(chat.transcript)
+def test_no_decoder_is_built_on_the_hot_path_after_warm_up():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16))
+    conversations = specs()[:4]
+    together(engine, conversations, 16)
+    warm = (engine.counters.decoders_built, engine.counters.graphs_captured, engine.counters.compiles_started)
+    for _ in range(2):
+        together(engine, conversations, 16)
+    assert (engine.counters.decoders_built, engine.counters.graphs_captured, engine.counters.compiles_started) == warm
 
 
-def test_shrinking_the_window_keeps_the_pinned_prefix_and_latest_tokens(tokenizer):
-    chat = session(tokenizer, window=100)
-    for text in ("one", "two", "three"):
-        run(chat.send(text))
-    chat.configure(cache_settings=CacheSettings(4, 16))
-    run(chat.send("four"))
-    stats = chat.stats()
-    # the sink grows to the pinned template header when that is longer than 4 tokens
-    assert stats.cache.sink >= 4 and stats.cache.window == 16
-    assert stats.cache.tokens_held == stats.cache.sink + 16
-    assert stats.conversation_tokens == len(chat.transcript) > stats.cache.tokens_held
+def test_stopping_one_row_leaves_the_others_untouched():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=4, prefill_tokens=16))
+    long = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=40)
+    rows = [engine.open_row(4, 64, seed=i) for i in range(3)]
+    stops = [threading.Event() for _ in rows]
+    streams = []
+    for i, row in enumerate(rows):
+        list(engine.prefill(row, [10 + i, 20, 30], 16, threading.Event()))
+    for row, stop in zip(rows, stops):
+        streams.append(engine.generate(row, long, frozenset(), stop))
+    next(iter(streams[1][0]))
+    stops[1].set()
+    for stream, _ in streams:
+        list(stream)
+    assert streams[1][0].reason == "stopped" and len(streams[1][1]) < 40
+    assert [s[0].reason for s in (streams[0], streams[2])] == ["max_new_tokens", "max_new_tokens"]
+    alone = Engine(model, EngineSettings(max_batch=4, prefill_tokens=16))
+    for i in (0, 2):
+        row = alone.open_row(4, 64, seed=i)
+        list(alone.prefill(row, [10 + i, 20, 30], 16, threading.Event()))
+        stream, fed = alone.generate(row, long, frozenset(), threading.Event())
+        list(stream)
+        assert fed == streams[i][1]
 
 
-def test_system_prompt_is_pinned_in_the_sinks(tokenizer):
-    chat = session(tokenizer, sink=2, window=16, system_prompt="You are a helpful assistant.")
-    pinned = chat.format.pinned_prefix_length(chat.system_prompt)
-    assert pinned > 2
-    for i in range(6):
-        run(chat.send(f"message number {i}"))
-    held = chat._cache.held_indices()  # stream indices held: the pinned prefix must all be there
-    assert held[:pinned] == list(range(pinned))
-    assert chat.stats().cache.tokens_held == pinned + 16 < len(chat.transcript)
+def test_snapshot_and_restore_bring_a_row_back_with_its_pending_logits():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=2, prefill_tokens=16))
+    row = engine.open_row(4, 32, seed=0)
+    list(engine.prefill(row, list(range(5, 25)), 16, threading.Event()))
+    saved = engine.snapshot(row, with_logits=True)
+    first, fed = engine.generate(row, GREEDY, frozenset(), threading.Event())
+    list(first)
+    engine.restore(row, saved)
+    assert row.seen == 20
+    again, fed_again = engine.generate(row, GREEDY, frozenset(), threading.Event())
+    list(again)
+    assert fed_again == fed
 
 
-def test_an_over_long_message_is_encoded_in_chunks_within_the_bound(tokenizer):
-    chat = session(tokenizer, window=64)
-    long_text = "streaming language models " * 400
-    events = run(chat.send(long_text))
-    progress = [e for e in events if isinstance(e, PrefillProgress)]
-    assert len(progress) > 3 and progress[-1].done == progress[-1].total
-    stats = chat.stats()
-    assert stats.cache.tokens_held == stats.cache.sink + stats.cache.window
-    assert stats.conversation_tokens == len(chat.transcript) > 1000
-    assert chat.messages[0]["content"] == long_text
+def test_a_closed_engine_refuses_work_with_a_message():
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=1))
+    row = engine.open_row(4, 32)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.prefill(row, [1, 2, 3], 16, threading.Event())
 
 
-@pytest.mark.parametrize("message, fragment", [("", "empty"), ("   \n", "empty"), (None, "must be text"), (42, "must be text")])
-def test_bad_messages_are_named(tokenizer, message, fragment):
-    chat = session(tokenizer)
-    with pytest.raises(ChatError, match=fragment):
-        chat.send(message)
-    assert chat.messages == []
-
-
-def test_control_characters_are_removed(tokenizer):
-    chat = session(tokenizer)
-    run(chat.send("he\x00llo\x1b[31m"))
-    assert chat.messages[0]["content"] == "hello[31m"
-
-
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", 5), ("top_p", 0), ("top_k", -1), ("top_k", 2.5),
-    ("repetition_penalty", 0.5), ("max_new_tokens", 0), ("max_new_tokens", 10**6), ("temperature", "hot"),
-])
-def test_out_of_range_sampling_settings_are_named(field, value):
-    with pytest.raises(ValueError, match=field):
-        SamplingSettings(**{field: value})
-
-
-@pytest.mark.parametrize("sink, window, fragment", [(-1, 8, "sink"), (4, 0, "window"), (4, 1 << 21, "window")])
-def test_out_of_range_cache_settings_are_named(sink, window, fragment):
-    with pytest.raises(ValueError, match=fragment):
-        CacheSettings(sink, window)
-
-
-def test_two_sessions_never_share_state(tokenizer):
-    model = tiny_model(lckv_map(4), vocab_size=len(tokenizer))
-    a = ChatSession(model, tokenizer, system_prompt="You are A.", sampling=GREEDY)
-    b = ChatSession(model, tokenizer, system_prompt="You are B.", sampling=GREEDY)
-    threads = [threading.Thread(target=run, args=(s.send(f"hi {i}"),)) for i, s in enumerate((a, b))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert "You are A." in tokenizer.decode(a.transcript) and "You are B." not in tokenizer.decode(a.transcript)
-    assert "You are B." in tokenizer.decode(b.transcript)
-
-
-def test_two_thousand_turns_at_constant_cache_memory(tokenizer):
-    chat = session(tokenizer, sink=4, window=48, sampling=SamplingSettings(temperature=0, max_new_tokens=2))
-    sizes, rss = [], []
-    for turn in range(2000):
-        run(chat.send(f"turn {turn}"))
-        if turn >= 9:
-            stats = chat.stats().cache
-            sizes.append((stats.allocated_bytes, stats.used_bytes, stats.tokens_held))
-        if turn in (100, 1999):
-            rss.append(process_rss_mb())
-    assert len(set(sizes)) == 1, "cache bytes changed after turn 10"
-    assert rss[1] - rss[0] < 25, f"process memory grew {rss[1] - rss[0]:.1f} MB"
-    messages = chat.messages
-    assert len(messages) == 4000
-    assert [m["content"] for m in messages[0::2]] == [f"turn {t}" for t in range(2000)]
-    assert chat.stats().conversation_tokens == len(chat.transcript)
-
-
-def test_time_the_consumer_spends_between_tokens_is_not_latency(tokenizer):
-    import time
-
-    chat = session(tokenizer, sampling=SamplingSettings(temperature=0, max_new_tokens=4))
-    latencies = []
-    for event in chat.send("hello"):
-        if isinstance(event, TokenEvent):
-            latencies.append(event.latency_ms)
-            time.sleep(0.2)  # a slow UI
-    assert latencies and max(latencies) < 150
+@pytest.mark.parametrize("bad", [dict(max_batch=3), dict(bucket_mb=0), dict(prefill_tokens=0)])
+def test_bad_engine_settings_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EngineSettings(**bad)

@@ -225,7 +225,7 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     import traceback
 
     from app_support.tiny import tiny_model, tiny_tokenizer
-    from lckv_stream.engine import CacheSettings, ChatSession
+    from lckv_stream.chat import CacheSettings, ChatSession
     from lckv_stream.sampling import SamplingSettings
 
     tokenizer = tiny_tokenizer()

@@ -9,7 +9,7 @@ import pytest
 
 from app_support.sessions import GenerationSlots, SessionRegistry
 from app_support.tiny import tiny_random_model
-from lckv_stream.engine import CacheSettings, ChatSession, TokenEvent
+from lckv_stream.chat import CacheSettings, ChatSession, TokenEvent
 from lckv_stream.sampling import SamplingSettings
 
 

@@ -1,0 +1,333 @@
+"""A bucket: one batched sink + window cache of one shape, the rows it lends to conversations, and
+the decoders that step it (one per batch size class).
+
+Every conversation's cache is a fixed-size block, so conversations are rows of one buffer and one
+captured step serves them all. A row keeps its own sink and window inside the bucket's shape (the
+unused slots stay empty and masked), so a few shapes serve every setting: windows rounded up to a
+power of two from 256, sinks to a power of two from 16. Generating rows are kept at the front of
+the buffer, so a step of batch class c (the smallest class >= the number of generating rows) runs on
+rows [0, c); rows in that range that are not generating are inactive and left untouched by it.
+
+Only the engine's thread calls into a bucket: it owns the device.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import SinkWindowCache
+from .decoding import EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_step, decode_step
+from .fusion import fuse_projections
+from .sampling import RowSampling, SamplingSettings, sample_rows, width_of
+
+BATCH_CLASSES = (1, 2, 4, 8, 16, 32, 64)
+_SAMPLING_FIELDS = {"temperature": torch.float32, "top_p": torch.float32, "repetition_penalty": torch.float32,
+                    "seeds": torch.long, "draws": torch.long}
+MIN_SINK, MIN_WINDOW = 16, 256
+
+
+def _power_of_two_at_least(value: int, floor: int) -> int:
+    size = floor
+    while size < value:
+        size *= 2
+    return size
+
+
+def bucket_shape(sink: int, window: int) -> tuple[int, int]:
+    """The (sink, window) buffer shape that serves a row of this sink and window."""
+    return _power_of_two_at_least(sink, MIN_SINK), _power_of_two_at_least(window, MIN_WINDOW)
+
+
+def batch_class(rows: int) -> int:
+    """The smallest batch size class that holds `rows` rows."""
+    return next(size for size in BATCH_CLASSES if size >= rows)
+
+
+@dataclass
+class Counters:
+    """Work that must not happen on the hot path once a bucket is warm: counted, so tests can check."""
+
+    decoders_built: int = 0
+    graphs_captured: int = 0
+    compiles_started: int = 0
+    compiles_finished: int = 0
+    compile_seconds: float = 0.0
+
+
+@dataclass
+class StepOptions:
+    """How a bucket's steps are built on this device."""
+
+    graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
+    compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
+    prefill_graphs: bool = True
+
+
+class Bucket:
+    """Rows of one cache shape on one device, with their step decoders and sampler.
+
+    Row `rows` (one past the last lendable row) is a spare: a staging row for captured prefill
+    chunks (their graphs have fixed addresses) and the temporary of row swaps.
+    """
+
+    def __init__(self, model, sink: int, window: int, rows: int, options: StepOptions,
+                 counters: Counters, compiler: "SideCompiler | None" = None) -> None:
+        self.model = model
+        self.shape = (sink, window)
+        self.rows = rows
+        self.options = options
+        self.counters = counters
+        self._compiler = compiler
+        self.cache = model.new_cache(sink, window, batch_size=rows + 1)
+        self.spare = rows
+        self.occupant: list = [None] * rows  # the engine's Row in each lendable row
+        self.classes = tuple(size for size in BATCH_CLASSES if size <= rows)
+        vocab = model.config.vocab_size
+        self.next_logits = torch.zeros(rows + 1, vocab, dtype=model.dtype, device=self.cache.device)
+        self._decoders: dict[int, object] = {}
+        self._compiled: dict[int, bool] = {}
+        self._samplers: dict[tuple[int, int], tuple] = {}
+        self._prefill_decoder = None
+        self._row_decoders: dict[int, EagerDecoder] = {}  # eager prefill straight into a row (no graphs)
+        if options.graphs:
+            fuse_projections(model)
+            self._prefill_decoder = self._build(
+                lambda: GraphDecoder(model, self.cache.rows(self.spare, self.spare + 1),
+                                     prefill_graphs=options.prefill_graphs))
+            if options.prefill_graphs:  # every chunk size now: no capture later, while a compile runs
+                ids = torch.zeros(1, 1, dtype=torch.long, device=self.cache.device)
+                for size in PREFILL_GRAPH_SIZES:
+                    if size <= window:
+                        self._prefill_decoder._replay_prefill(ids.expand(1, size))
+                        self.counters.graphs_captured += 1
+                self.cache.rows(self.spare, self.spare + 1).reset()
+            for size in self.classes:
+                self.decoder(size)
+            if options.compile and compiler is not None:
+                for size in self.classes:
+                    compiler.submit(self, size)
+                    self.counters.compiles_started += 1
+
+    # ---- rows ---------------------------------------------------------------------------------
+    @property
+    def row_bytes(self) -> int:
+        return self.cache.row_bytes
+
+    def free_rows(self) -> list[int]:
+        return [i for i, row in enumerate(self.occupant) if row is None]
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange two rows: their cache state, pending logits and occupants."""
+        if a == b:
+            return
+        cache, spare = self.cache, self.spare
+        cache.copy_row(a, spare)
+        cache.copy_row(b, a)
+        cache.copy_row(spare, b)
+        logits = self.next_logits
+        logits[spare].copy_(logits[a])
+        logits[a].copy_(logits[b])
+        logits[b].copy_(logits[spare])
+        self.occupant[a], self.occupant[b] = self.occupant[b], self.occupant[a]
+        for index in (a, b):
+            if self.occupant[index] is not None:
+                self.occupant[index].index = index
+
+    # ---- decoders -----------------------------------------------------------------------------
+    def _build(self, make: Callable):
+        self.counters.decoders_built += 1
+        decoder = make()
+        if isinstance(decoder, GraphDecoder):
+            self.counters.graphs_captured += 1
+        return decoder
+
+    def decoder(self, size: int):
+        """The step decoder for batch class `size` (rows [0, size)), built on first use."""
+        if size not in self._decoders:
+            view = self.cache.rows(0, size)
+            if self.options.graphs:
+                self._decoders[size] = self._build(lambda: GraphDecoder(self.model, view, step_function=decode_step))
+            else:
+                self._decoders[size] = self._build(lambda: EagerDecoder(self.model, view))
+        return self._decoders[size]
+
+    def install_compiled(self, size: int, function: Callable) -> None:
+        """Replace class `size`'s plain graph with a capture of the compiled step (engine thread)."""
+        try:
+            # A guard that fails here would compile on the engine's thread: refuse instead.
+            with torch.compiler.set_stance("fail_on_recompile"):
+                decoder = self._build(lambda: GraphDecoder(self.model, self.cache.rows(0, size), step_function=function))
+        except Exception as error:  # keep the plain graph; the name says why
+            self._decoders[size].name += f" (compile failed: {str(error)[:80]})"
+            return
+        self._decoders[size] = decoder
+        self._compiled[size] = True
+
+    def decoder_name(self, size: int) -> str:
+        name = self.decoder(size).name
+        if self.options.compile and self.options.graphs and not self._compiled.get(size):
+            name += " (compiling on the side)"
+        return name
+
+    # ---- steps --------------------------------------------------------------------------------
+    def step(self, size: int, generating: int, settings: list[SamplingSettings], seeds: list[int],
+             draws: list[int]) -> torch.Tensor:
+        """One batched decode step for rows [0, generating) (rows up to `size` idle): each row's next
+        token is drawn from its pending logits with its own settings, fed to the cache, and the new
+        logits become pending. Returns the tokens drawn [generating] (on the device)."""
+        cache = self.cache
+        active = cache.active[:size]
+        active.fill_(False)
+        active[:generating] = True
+        padded = settings + [settings[0]] * (size - generating)
+        # Built on the host, then copied without waiting: a plain host-to-device copy would wait for
+        # the GPU to finish the previous step.
+        params = RowSampling.of(padded, seeds + [0] * (size - generating), draws + [0] * (size - generating))
+        tokens = self._sample(size, padded, params)
+        logits = self.decoder(size).step(tokens)
+        pending = self.next_logits[:size]
+        pending.copy_(torch.where(active.view(-1, 1), logits, pending))
+        active.fill_(True)  # prefill calls write every row of their view
+        return tokens[:generating]
+
+    def _sample(self, size: int, settings: list[SamplingSettings], params: RowSampling) -> torch.Tensor:
+        """Tokens [size] for the rows' pending logits: one pass per candidate width in use."""
+        vocab = self.next_logits.shape[-1]
+        widths = [width_of(s, vocab) for s in settings]
+        tokens = None
+        for width in sorted(set(widths)):
+            drawn = self._sample_width(size, width, params)
+            if tokens is None:
+                tokens = drawn
+            else:
+                chosen = torch.tensor([w == width for w in widths]).to(drawn.device, non_blocking=True)
+                tokens = torch.where(chosen, drawn, tokens)
+        return tokens
+
+    def _sample_width(self, size: int, width: int, params: RowSampling) -> torch.Tensor:
+        view = self.cache.rows(0, size)
+        if not self.options.graphs:
+            if view.device.type != "cpu":
+                params = RowSampling(**{name: getattr(params, name).to(view.device, non_blocking=True)
+                                        for name in _SAMPLING_FIELDS})
+            return sample_rows(self.next_logits[:size], params, width, view.token_ids, view.token_index >= 0)
+        key = (size, width)
+        if key not in self._samplers:
+            self._samplers[key] = self._capture_sampler(size, width)
+            self.counters.graphs_captured += 1
+        inputs, graph, tokens = self._samplers[key]
+        for name, buffer in inputs.items():
+            buffer.copy_(getattr(params, name), non_blocking=True)
+        graph.replay()
+        return tokens
+
+    def _capture_sampler(self, size: int, width: int) -> tuple:
+        view, logits = self.cache.rows(0, size), self.next_logits[:size]
+        device = self.cache.device
+        inputs = {name: torch.zeros(size, dtype=dtype, device=device) for name, dtype in _SAMPLING_FIELDS.items()}
+        inputs["top_p"].fill_(1.0)
+        inputs["repetition_penalty"].fill_(1.0)
+        params = RowSampling(**inputs)
+        graph, tokens = capture(lambda: sample_rows(logits, params, width, view.token_ids, view.token_index >= 0),
+                                None, warmup=1)
+        return inputs, graph, tokens
+
+    def prefill(self, index: int, token_ids: torch.Tensor) -> None:
+        """Encode token_ids [1, T] into row `index`; its pending logits become the last token's."""
+        if self._prefill_decoder is None:
+            if index not in self._row_decoders:
+                self._row_decoders[index] = self._build(lambda: EagerDecoder(self.model, self.cache.rows(index, index + 1)))
+            logits = self._row_decoders[index].prefill(token_ids)
+        else:  # captured chunks run on the spare row: copy the row in, encode, copy it back
+            self.cache.copy_row(index, self.spare)
+            logits = self._prefill_decoder.prefill(token_ids)
+            self.cache.copy_row(self.spare, index)
+        self.next_logits[index].copy_(logits[0])
+
+
+class SideCompiler:
+    """Compiles bucket steps on its own thread while the engine serves with plain CUDA graphs.
+
+    A capture on the engine's thread fails if another thread synchronizes the GPU meanwhile, and
+    compiling does (autotuning): the compiler holds `lock` while it works, and the engine captures a
+    compiled step only when it can take the lock without waiting.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._queue: list[tuple[Bucket, int]] = []
+        self._ready: list[tuple[Bucket, int, Callable, float]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, bucket: Bucket, size: int) -> None:
+        with self._wake:
+            self._queue.append((bucket, size))
+            self._wake.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lckv-side-compiler", daemon=True)
+            self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + len(self._ready)
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                bucket, size = self._queue.pop(0)
+            started = time.perf_counter()
+            with self.lock:
+                function = self._compile(bucket, size)
+            with self._wake:
+                self._ready.append((bucket, size, function, time.perf_counter() - started))
+
+    def _compile(self, bucket: Bucket, size: int) -> Callable | None:
+        """Compile the step for `size` rows of the bucket's shape on a scratch cache of that shape."""
+        try:
+            sink, window = bucket.shape
+            scratch = bucket.model.new_cache(sink, window, batch_size=size)
+            scratch.attention_backend = bucket.decoder(size).cache.attention_backend
+            function = compile_step()
+            tokens = torch.zeros(size, 1, dtype=torch.long, device=scratch.device)
+            with torch.inference_mode():
+                for _ in range(2):
+                    function(bucket.model, tokens, scratch)
+            torch.cuda.synchronize()
+            del scratch
+            return function
+        except Exception:  # the plain graph keeps serving; install_compiled is never called
+            return None
+
+    def install_ready(self, counters: Counters) -> None:
+        """On the engine thread: capture the compiled steps that are ready, if the compiler is idle."""
+        if not self._ready or not self.lock.acquire(blocking=False):
+            return
+        try:
+            with self._wake:
+                ready, self._ready = self._ready, []
+            for bucket, size, function, seconds in ready:
+                counters.compiles_finished += 1
+                counters.compile_seconds += seconds
+                if function is not None:
+                    bucket.install_compiled(size, function)
+        finally:
+            self.lock.release()
+
+
+@dataclass
+class HostCopy:
+    """A row's state in host memory (pinned on CUDA): what an offloaded conversation keeps."""
+
+    state: dict[str, torch.Tensor]
+    shape: tuple[int, int]
+    seen: int
+    nbytes: int = field(default=0)

@@ -1,0 +1,463 @@
+"""`ChatSession`: one conversation, a client of the device's `Engine`.
+
+Each message owns the tokens it added to the transcript (a user message: the template text around
+it; an assistant message: the sampled tokens). The cache (one engine row) always reflects the
+transcript, so a new turn encodes only its own tokens, and whatever ends a stream, every token the
+engine fed to the cache is in the transcript. Undo and regenerate restore a row snapshot taken at
+the start of the last turn; when none fits (after a settings change) the cache is rebuilt from the
+transcript. The engine decodes this conversation together with every other one on the device.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+from .cache import CacheStats, validate_cache_size
+from .chat_format import ChatError, ChatFormat, clean_message
+from .engine import Engine, EngineError, RowSnapshot
+from .metrics import ConversationMetrics, TurnMetrics
+from .sampling import SamplingSettings
+
+MAX_WINDOW = 1 << 20
+MAX_PINNED = 4096
+_UNCHANGED = object()
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Cache size: `sink` first tokens + `window` recent ones; the system prompt can be pinned."""
+
+    sink: int = 4
+    window: int = 1024
+    pin_system_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        validate_cache_size(self.sink, self.window)
+        if self.window > MAX_WINDOW:
+            raise ValueError(f"window must be at most {MAX_WINDOW}, got {self.window}")
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    """Encoding of a long message, chunk by chunk."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: the new visible text it completes and how long it took."""
+
+    text: str
+    token_id: int
+    latency_ms: float
+    index: int
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """The end of a turn: the whole reply, why it ended, and its timings."""
+
+    reply: str
+    reason: str  # "eos", "max_new_tokens", "stopped", "stopped_while_reading"
+    metrics: TurnMetrics
+
+
+Event = Union[PrefillProgress, TokenEvent, TurnEnd]
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """Cache occupancy next to the conversation it summarizes."""
+
+    cache: CacheStats
+    conversation_tokens: int
+    dense_bytes: int  # a dense Llama cache of the same model holding the whole conversation
+    decoder: str
+    turns: int
+    residence: str = "device"  # where the cache is: "device", "host" (idle), "none" (not made yet or dropped)
+    rebuilt_from_transcript: bool = False  # the host budget dropped the cache once: it was re-encoded
+
+
+@dataclass
+class _Checkpoint:
+    snapshot: RowSnapshot
+    messages: int
+    epoch: int
+
+
+class ChatSession:
+    """One conversation: messages, their tokens, its engine row, sampling and timings."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system_prompt: str | None = None,
+        cache_settings: CacheSettings = CacheSettings(),
+        sampling: SamplingSettings = SamplingSettings(),
+        prefill_chunk: int = 256,
+        seed: int | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        """`seed` fixes the random stream of sampled replies (default: a fresh one per session);
+        `engine` defaults to the model's shared engine."""
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model = model
+        self.engine = engine or Engine.shared(model)
+        self.format = ChatFormat(tokenizer)
+        self.sampling = sampling
+        self.prefill_chunk = prefill_chunk
+        self.metrics = ConversationMetrics()
+        self._seed = seed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._system_prompt = self._check_system_prompt(system_prompt)
+        self._cache_settings = cache_settings
+        self._sink: int | None = None  # sink size in use: settings.sink or the pinned prefix, if longer
+        self._messages: list[dict] = []
+        self._segments: list[list[int]] = []  # tokens each message added, aligned with messages
+        self._segment_texts: list[str] = []
+        self._token_count = 0
+        self._row = None
+        self._stale = True  # the row does not reflect the transcript
+        self._rebuilt_after_drop = False
+        self._epoch = 0
+        self._undo_point: _Checkpoint | None = None
+        self._regen_point: _Checkpoint | None = None
+
+    # ---- reading state ------------------------------------------------------------------------
+    @property
+    def messages(self) -> list[dict]:
+        return [dict(message) for message in self._messages]
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._system_prompt
+
+    @property
+    def cache_settings(self) -> CacheSettings:
+        return self._cache_settings
+
+    @property
+    def transcript(self) -> list[int]:
+        """Every token the conversation has encoded, in order."""
+        return [token for segment in self._segments for token in segment]
+
+    @property
+    def generating(self) -> bool:
+        return self._lock.locked()
+
+    def stats(self) -> SessionStats:
+        """The conversation's cache numbers, known on the host: reading them waits for nothing."""
+        row = self._ensure_row()
+        return SessionStats(
+            cache=self.engine.row_stats(row),
+            conversation_tokens=self._token_count,
+            dense_bytes=self._token_count * self.engine.dense_bytes_per_token,
+            decoder=self.engine.decoder_name(row),
+            turns=sum(1 for m in self._messages if m["role"] == "user"),
+            residence=row.residence,
+            rebuilt_from_transcript=self._rebuilt_after_drop,
+        )
+
+    def held_indices(self) -> list[int]:
+        """Stream indices of the tokens the cache holds, in stream order."""
+        return self.engine.held_indices(self._ensure_row())
+
+    # ---- turns --------------------------------------------------------------------------------
+    def send(self, message: str, sampling: SamplingSettings | None = None) -> Iterator[Event]:
+        """Stream the reply to `message`: PrefillProgress (long messages), TokenEvents, then TurnEnd.
+
+        Bad input raises ChatError at once; a second concurrent call raises ChatError when iterated.
+        """
+        text = clean_message(message)
+        return self._turn(text, sampling or self.sampling)
+
+    def regenerate(self, sampling: SamplingSettings | None = None) -> Iterator[Event]:
+        """Drop the last reply and stream a new one to the same message."""
+        if not self._messages or self._messages[-1]["role"] != "assistant":
+            raise ChatError("there is no reply to regenerate yet")
+        return self._regenerate(sampling or self.sampling)
+
+    def stop(self) -> None:
+        """Ask a streaming reply to end after the current token; the cache stays consistent."""
+        self._stop.set()
+
+    def undo(self) -> None:
+        """Remove the last user message and its reply."""
+        with self._exclusive():
+            users = [i for i, m in enumerate(self._messages) if m["role"] == "user"]
+            if not users:
+                raise ChatError("there is nothing to undo")
+            self._truncate(users[-1], self._undo_point)
+
+    def clear(self) -> None:
+        """Start a new conversation with the same settings (the row is kept)."""
+        with self._exclusive():
+            self._truncate(0, None)
+
+    def close(self) -> None:
+        """Give the conversation's cache memory back (it is rebuilt if the session is used again)."""
+        if self._row is not None:
+            self.engine.release_row(self._row)
+            self._stale = True
+
+    def configure(
+        self,
+        system_prompt: str | None | object = _UNCHANGED,
+        cache_settings: CacheSettings | None = None,
+    ) -> str:
+        """Change the system prompt and/or cache size; applied at the next turn. Returns what happens."""
+        with self._exclusive():
+            notes = []
+            if system_prompt is not _UNCHANGED and system_prompt != self._system_prompt:
+                self._system_prompt = self._check_system_prompt(system_prompt)
+                self._sink = None
+                if self._messages:
+                    self._retemplate_first_message()
+                self._stale = True
+                notes.append("system prompt updated")
+            if cache_settings is not None and cache_settings != self._cache_settings:
+                self._cache_settings = cache_settings
+                self._sink = None
+                self._stale = True
+                notes.append(
+                    f"cache set to {cache_settings.sink} sink + {cache_settings.window} window tokens"
+                )
+            if not notes:
+                return "nothing changed"
+            if self._messages:
+                notes.append("the cache is rebuilt from the transcript (pinned prefix + most recent tokens) at the next turn")
+            return "; ".join(notes)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _exclusive(self):
+        if not self._lock.acquire(blocking=False):
+            raise ChatError("busy: a reply is still streaming; press Stop or wait for it to finish")
+        return _Release(self._lock)
+
+    def _check_system_prompt(self, system_prompt: str | None) -> str | None:
+        if system_prompt is None or not str(system_prompt).strip():
+            return None
+        text = clean_message(system_prompt)
+        if len(self.format.encode(text)) > MAX_PINNED:
+            raise ChatError(f"the system prompt is too long: keep it under {MAX_PINNED} tokens")
+        return text
+
+    def _conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        system = [{"role": "system", "content": self._system_prompt}] if self._system_prompt else []
+        return system + (self._messages if messages is None else messages)
+
+    def _turn(self, text: str, sampling: SamplingSettings) -> Iterator[Event]:
+        with self._exclusive():
+            self._stop.clear()
+            started = time.perf_counter()
+            try:
+                self._ensure_cache(rebuild=True)
+            except EngineError as error:
+                raise _engine_failure(error) from error
+            self._undo_point = self._checkpoint(self._undo_point)
+            delta = self.format.new_turn_text(self._conversation(), text, self._segment_texts)
+            ids = self.format.encode(delta)
+            turn = TurnMetrics(prompt_tokens=len(ids))
+            user_index = len(self._messages)
+            self._append_message({"role": "user", "content": text}, [], delta)
+            stream = self.engine.prefill(self._row, ids, self.prefill_chunk, self._stop)
+            read, reported = 0, 0
+            try:
+                for done in stream:
+                    self._extend_last_segment(ids[read:done])
+                    read = done
+                    # A long message reports every `prefill_chunk` tokens, however the engine cuts it.
+                    if len(ids) > self.prefill_chunk and (done - reported >= self.prefill_chunk or done == len(ids)):
+                        reported = done
+                        yield PrefillProgress(done, len(ids))
+            except EngineError as error:
+                self._truncate(user_index, self._undo_point)
+                raise _engine_failure(error) from error
+            except GeneratorExit:  # the caller left while the message was read: as if stopped
+                self._stop.set()
+                for done in stream:
+                    self._extend_last_segment(ids[read:done])
+                    read = done
+                self._truncate(user_index, self._undo_point)
+                raise
+            if stream.reason == "stopped":
+                self._truncate(user_index, self._undo_point)
+                yield TurnEnd("", "stopped_while_reading", turn)
+                return
+            turn.prefill_ms = (time.perf_counter() - started) * 1e3
+            self._regen_point = self._checkpoint(self._regen_point, with_logits=True)
+            yield from self._generate(sampling, turn, started, user_index, self._undo_point)
+
+    def _regenerate(self, sampling: SamplingSettings) -> Iterator[Event]:
+        with self._exclusive():
+            started = time.perf_counter()
+            self._stop.clear()
+            keep = len(self._messages) - 1
+            try:
+                self._truncate(keep, self._regen_point)
+                if not self._is_current(self._regen_point):
+                    self._ensure_cache(rebuild=False)
+                    self._rebuild()
+                    self._regen_point = self._checkpoint(self._regen_point, with_logits=True)
+            except EngineError as error:
+                raise _engine_failure(error) from error
+            turn = TurnMetrics(prompt_tokens=len(self._segments[-1]))
+            yield from self._generate(sampling, turn, started, keep, self._regen_point)
+
+    def _generate(
+        self, sampling: SamplingSettings, turn: TurnMetrics, started: float, keep: int,
+        checkpoint: _Checkpoint | None,
+    ) -> Iterator[Event]:
+        self._append_message({"role": "assistant", "content": ""}, [], "")
+        stream, fed = self.engine.generate(self._row, sampling, self.format.stop_ids, self._stop)
+        generated: list[int] = []
+        shown = ""
+        failed = False
+        try:
+            for token_id, latency in stream:
+                generated.append(token_id)
+                self._extend_last_segment([token_id])
+                turn.token_ms.append(latency)
+                self.metrics.record_token(latency)
+                if len(generated) == 1:
+                    turn.ttft_ms = (time.perf_counter() - started) * 1e3
+                visible = self.format.decode_visible(generated)
+                # Hold back a partial UTF-8 character until the next token completes it.
+                piece = "" if visible.endswith("\ufffd") else visible[len(shown):]
+                shown += piece
+                yield TokenEvent(piece, token_id, latency, len(generated) - 1)
+        except EngineError as error:  # the step failed: the checkpoint brings the row back
+            failed = True
+            self._truncate(keep, checkpoint)
+            raise _engine_failure(error) from error
+        finally:
+            if not failed:
+                if stream.reason is None:  # the caller left mid-stream: end the job first
+                    self._stop.set()
+                    for _, latency in stream:
+                        turn.token_ms.append(latency)
+                        self.metrics.record_token(latency)
+                # Every token the engine fed to the cache belongs to the transcript, seen or not.
+                self._extend_last_segment(fed[len(generated):])
+                reply = self.format.decode_visible(fed)
+                self._messages[-1]["content"] = reply
+                self._segment_texts[-1] = self.format.decode(fed)
+                turn.stop_reason = stream.reason
+                self.metrics.record_turn(turn)
+        yield TurnEnd(reply, turn.stop_reason, turn)
+
+    def _append_message(self, message: dict, ids: list[int], text: str) -> None:
+        self._messages.append(message)
+        self._segments.append(list(ids))
+        self._segment_texts.append(text)
+        self._token_count += len(ids)
+
+    def _extend_last_segment(self, ids: list[int]) -> None:
+        self._segments[-1].extend(ids)
+        self._token_count += len(ids)
+
+    def _truncate(self, keep_messages: int, checkpoint: _Checkpoint | None) -> None:
+        """Keep the first `keep_messages` messages; restore the row from a checkpoint that fits."""
+        del self._messages[keep_messages:]
+        del self._segment_texts[keep_messages:]
+        for segment in self._segments[keep_messages:]:
+            self._token_count -= len(segment)
+        del self._segments[keep_messages:]
+        if keep_messages == 0 and self._row is not None and not self._stale_shape():
+            self.engine.reset(self._row)
+            self._epoch += 1
+            self._stale = False
+        elif checkpoint is not None and self._is_current(checkpoint) and checkpoint.messages == keep_messages:
+            self.engine.restore(self._row, checkpoint.snapshot)
+        else:
+            self._stale = True
+
+    def _checkpoint(self, reuse: _Checkpoint | None, with_logits: bool = False) -> _Checkpoint:
+        into = reuse.snapshot if reuse is not None and reuse.epoch == self._epoch else None
+        snapshot = self.engine.snapshot(self._row, with_logits, into)
+        return _Checkpoint(snapshot, len(self._messages), self._epoch)
+
+    def _is_current(self, checkpoint: _Checkpoint | None) -> bool:
+        return (checkpoint is not None and checkpoint.epoch == self._epoch and not self._stale
+                and self._row is not None and not self._row.lost)
+
+    def _sink_size(self) -> int:
+        if self._sink is None:
+            settings = self._cache_settings
+            pinned = self.format.pinned_prefix_length(self._system_prompt) if settings.pin_system_prompt else 0
+            self._sink = max(settings.sink, pinned)
+        return self._sink
+
+    def _ensure_row(self):
+        if self._row is None or self._row.closed:
+            self._row = self.engine.open_row(self._sink_size(), self._cache_settings.window, self._seed)
+            weakref.finalize(self, self.engine.release_row, self._row)
+            self._epoch += 1
+            self._stale = bool(self._segments)
+        return self._row
+
+    def _stale_shape(self) -> bool:
+        row = self._row
+        return row is None or row.closed or (row.sink, row.window) != (self._sink_size(), self._cache_settings.window)
+
+    def _ensure_cache(self, rebuild: bool) -> None:
+        row = self._ensure_row()
+        if self._stale_shape():
+            self.engine.resize(row, self._sink_size(), self._cache_settings.window)
+            self._epoch += 1
+            self._stale = bool(self._segments)
+        if row.lost:  # the host budget dropped it while idle
+            self._stale = True
+            self._rebuilt_after_drop = True
+        if rebuild and self._stale:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Re-encode the transcript: all of it if it fits, else the pinned prefix + the latest tokens."""
+        row = self._row
+        self.engine.reset(row)
+        self._epoch += 1
+        tokens = self.transcript
+        if len(tokens) > row.sink + row.window:
+            tokens = tokens[: row.sink] + tokens[-row.window :]
+        for _ in self.engine.prefill(row, tokens, self.prefill_chunk, threading.Event()):
+            pass
+        self._stale = False
+
+    def _retemplate_first_message(self) -> None:
+        """The system prompt lives in the first message's template text: render that again."""
+        first = self._messages[0]
+        text = self.format.new_turn_text([], first["content"], [])
+        ids = self.format.encode(text)
+        self._token_count += len(ids) - len(self._segments[0])
+        self._segments[0], self._segment_texts[0] = ids, text
+
+
+def _engine_failure(error: EngineError) -> ChatError:
+    """The user's message for a failed engine job (the turn was dropped)."""
+    if "out of memory" in str(error):
+        return ChatError("out of GPU memory while answering: nothing from this turn was kept; "
+                         "try a smaller window or a shorter message")
+    return ChatError(f"the reply failed: {error}; nothing from this turn was kept")
+
+
+class _Release:
+    """Context manager that releases an already-acquired lock."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
