@@ -15,7 +15,7 @@ import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, Mapping, Sequence
 
 import gradio as gr
@@ -24,7 +24,9 @@ from app_support.panel import PLOT_COLUMNS, latency_frame, metrics_markdown, rea
 from app_support.sessions import GenerationSlots, SessionRegistry
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
-from lckv_stream.chat_format import ChatError, clean_message
+from lckv_stream.buckets import batch_class
+from lckv_stream.chat_format import ChatError, ChatFormat, clean_message
+from lckv_stream.engine import Engine, EngineSettings
 from lckv_stream.chat import MAX_WINDOW, CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
 from lckv_stream.metrics import device_name
 from lckv_stream.sampling import LIMITS, SamplingSettings
@@ -67,7 +69,7 @@ class AppConfig:
     model: str = "default"
     device: str = "auto"
     idle_minutes: float = 30.0
-    max_generations: int = 2
+    max_generations: int = 0  # 0: the device's default batch (64 on a GPU, 8 on CPU)
     queue_size: int = 32
     sink: int = 4
     window: int = 1024
@@ -94,8 +96,10 @@ class AppConfig:
     def validate(self) -> None:
         CacheSettings(self.sink, self.window)
         SamplingSettings(max_new_tokens=self.max_new_tokens)
-        if self.idle_minutes <= 0 or self.max_generations < 1 or self.queue_size < 1:
-            raise ValueError("LCKV_IDLE_MINUTES, LCKV_MAX_GENERATIONS and LCKV_QUEUE_SIZE must be positive")
+        if self.idle_minutes <= 0 or self.queue_size < 1:
+            raise ValueError("LCKV_IDLE_MINUTES and LCKV_QUEUE_SIZE must be positive")
+        if not 0 <= self.max_generations <= 64:
+            raise ValueError(f"LCKV_MAX_GENERATIONS must be between 1 and 64 (0: the device's default), got {self.max_generations}")
 
 
 def load(config: AppConfig):
@@ -113,11 +117,18 @@ class ChatApp:
 
     def __init__(self, model, tokenizer, config: AppConfig) -> None:
         self.model = model
-        self.config = config
+        default_batch = EngineSettings.for_device(model.device).max_batch
+        self.config = config = replace(config, max_generations=config.max_generations or default_batch)
+        # One engine for every browser session: it decodes the replies being generated together.
+        # The bucket of the default settings is built (and on a GPU compiled) before the first user.
+        default_sink = max(config.sink, ChatFormat(tokenizer).pinned_prefix_length(None))
+        self.engine = Engine(model, EngineSettings.for_device(
+            model.device, max_batch=batch_class(config.max_generations), warm_shape=(default_sink, config.window)))
         self.registry = SessionRegistry(
             lambda: ChatSession(
                 model, tokenizer,
                 cache_settings=CacheSettings(config.sink, config.window),
+                engine=self.engine,
             ),
             idle_seconds=config.idle_minutes * 60,
         )
@@ -126,7 +137,7 @@ class ChatApp:
 
     # ---- views --------------------------------------------------------------------------------
     def metrics(self, session: ChatSession) -> dict:
-        return read_metrics(session, self.model.device, len(self.registry))
+        return read_metrics(session, self.model.device, len(self.registry), self.engine.stats())
 
     def view(
         self, session: ChatSession, status: str, reply: str | None = None, draft: str | None = None,

@@ -10,14 +10,15 @@ import pandas as pd
 import torch
 
 from lckv_stream.chat import ChatSession
+from lckv_stream.engine import EngineStats
 from lckv_stream.metrics import device_name, gpu_memory_mb, process_rss_mb
 
 MB = 2**20
 PLOT_COLUMNS = ("token", "latency_ms")
 
 
-def read_metrics(session: ChatSession, device: torch.device, sessions_open: int) -> dict:
-    """A JSON-ready copy of the session's numbers; `last_turn` is the latest finished turn."""
+def read_metrics(session: ChatSession, device: torch.device, sessions_open: int, engine: EngineStats) -> dict:
+    """A JSON-ready copy of the session's and the engine's numbers; `last_turn` is the latest finished turn."""
     stats = session.stats()
     latest = session.metrics.token_ms[-1][1] if session.metrics.token_ms else None
     turn = session.metrics.last_turn
@@ -47,6 +48,17 @@ def read_metrics(session: ChatSession, device: torch.device, sessions_open: int)
         "gpu_memory_mb": gpu_memory_mb(device),
         "process_rss_mb": process_rss_mb(),
         "sessions_open": sessions_open,
+        "cache_residence": stats.residence,
+        "engine": {
+            "generating": engine.generating,
+            "reading": engine.reading,
+            "waiting": engine.waiting,
+            "rows_on_device": engine.rows_on_device,
+            "rows_on_host": engine.rows_on_host,
+            "rows_dropped": engine.rows_lost,
+            "buckets": engine.buckets,
+            "compiling": engine.compiling,
+        },
     }
 
 
@@ -71,10 +83,20 @@ def metrics_markdown(metrics: dict) -> str:
             f"{gpu['allocated']:,.0f} MB (reserved {gpu['reserved']:,.0f}, peak {gpu['peak']:,.0f})"),
         ("Process memory (RSS)", f"{metrics['process_rss_mb']:,.0f} MB"),
         ("Turns · sessions open", f"{metrics['turns']} · {metrics['sessions_open']}"),
+        ("Engine (all users)", _engine_line(metrics["engine"])),
     ]
     lines = ["| Metric | Value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines)
+
+
+def _engine_line(engine: dict) -> str:
+    rows = sum(bucket["rows"] for bucket in engine["buckets"])
+    line = (f"{engine['generating']} replies decoded together, {engine['reading']} reading; "
+            f"{engine['rows_on_device']} of {rows} cache rows on the device, {engine['rows_on_host']} in host memory")
+    if engine["compiling"]:
+        line += f"; compiling {engine['compiling']} step(s) on the side"
+    return line
 
 
 def latency_frame(session: ChatSession) -> pd.DataFrame:

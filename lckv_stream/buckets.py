@@ -65,6 +65,7 @@ class StepOptions:
     graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
+    compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
 
 
 class Bucket:
@@ -91,25 +92,60 @@ class Bucket:
         self._decoders: dict[int, object] = {}
         self._compiled: dict[int, bool] = {}
         self._samplers: dict[tuple[int, int], tuple] = {}
+        device = self.cache.device
+        self._params = RowSampling(**{name: torch.zeros(rows + 1, dtype=dtype, device=device)
+                                      for name, dtype in _SAMPLING_FIELDS.items()})
+        self._params.top_p.fill_(1.0)
+        self._params.repetition_penalty.fill_(1.0)
+        self._widths = [vocab] * (rows + 1)  # candidate width of each row's sampling (host copy)
+        self._width_of_row = torch.full((rows + 1,), vocab, dtype=torch.long, device=device)
+        self._active_pattern: tuple[int, int] | None = None  # (size, generating) the active mask is set for
         self._prefill_decoder = None
         self._row_decoders: dict[int, EagerDecoder] = {}  # eager prefill straight into a row (no graphs)
-        if options.graphs:
-            fuse_projections(model)
-            self._prefill_decoder = self._build(
-                lambda: GraphDecoder(model, self.cache.rows(self.spare, self.spare + 1),
-                                     prefill_graphs=options.prefill_graphs))
-            if options.prefill_graphs:  # every chunk size now: no capture later, while a compile runs
-                ids = torch.zeros(1, 1, dtype=torch.long, device=self.cache.device)
-                for size in PREFILL_GRAPH_SIZES:
-                    if size <= window:
-                        self._prefill_decoder._replay_prefill(ids.expand(1, size))
-                        self.counters.graphs_captured += 1
-                self.cache.rows(self.spare, self.spare + 1).reset()
-            for size in self.classes:
-                self.decoder(size)
-            if options.compile and compiler is not None:
-                for size in self.classes:
-                    compiler.submit(self, size)
+        self.graphs = False  # captured yet (eager until then)
+        self.upgrade()
+
+    def upgrade(self) -> bool:
+        """Capture the bucket's graphs (steps, prefill chunks, the default sampler) and queue its
+        compiles, if wanted and not done yet. A capture must not overlap the side compiler's GPU work:
+        while it compiles, the bucket runs eagerly and the engine calls this again later."""
+        if not self.options.graphs or self.graphs:
+            return True
+        lock = self._compiler.lock if self._compiler is not None else None
+        if lock is not None and not lock.acquire(blocking=False):
+            return False
+        try:
+            self._capture_graphs()
+        finally:
+            if lock is not None:
+                lock.release()
+        return True
+
+    def _capture_graphs(self) -> None:
+        model, options, window = self.model, self.options, self.shape[1]
+        fuse_projections(model)
+        self._prefill_decoder = self._build(
+            lambda: GraphDecoder(model, self.cache.rows(self.spare, self.spare + 1),
+                                 prefill_graphs=options.prefill_graphs))
+        if options.prefill_graphs:  # every chunk size now: no capture later, while a compile runs
+            ids = torch.zeros(1, 1, dtype=torch.long, device=self.cache.device)
+            for size in PREFILL_GRAPH_SIZES:
+                if size <= window:
+                    self._prefill_decoder._replay_prefill(ids.expand(1, size))
+                    self.counters.graphs_captured += 1
+            self.cache.rows(self.spare, self.spare + 1).reset()
+        self.graphs = True
+        self._decoders.clear()
+        default_width = width_of(SamplingSettings(), self.next_logits.shape[-1])
+        for size in self.classes:
+            self.decoder(size)
+            self._samplers[(size, default_width)] = self._capture_sampler(size, default_width)
+            self.counters.graphs_captured += 1
+        if options.compile and self._compiler is not None:
+            # Batch 1 first (one user must not wait), then the largest (the most users served).
+            for size in sorted(self.classes, key=lambda size: (size != 1, -size)):
+                if options.compiled_classes is None or size in options.compiled_classes:
+                    self._compiler.submit(self, size)
                     self.counters.compiles_started += 1
 
     # ---- rows ---------------------------------------------------------------------------------
@@ -128,11 +164,14 @@ class Bucket:
         cache.copy_row(a, spare)
         cache.copy_row(b, a)
         cache.copy_row(spare, b)
-        logits = self.next_logits
-        logits[spare].copy_(logits[a])
-        logits[a].copy_(logits[b])
-        logits[b].copy_(logits[spare])
+        for buffer in (self.next_logits, self._width_of_row,
+                       *(getattr(self._params, name) for name in _SAMPLING_FIELDS)):
+            buffer[spare].copy_(buffer[a])
+            buffer[a].copy_(buffer[b])
+            buffer[b].copy_(buffer[spare])
+        self._widths[a], self._widths[b] = self._widths[b], self._widths[a]
         self.occupant[a], self.occupant[b] = self.occupant[b], self.occupant[a]
+        self._active_pattern = None
         for index in (a, b):
             if self.occupant[index] is not None:
                 self.occupant[index].index = index
@@ -149,7 +188,7 @@ class Bucket:
         """The step decoder for batch class `size` (rows [0, size)), built on first use."""
         if size not in self._decoders:
             view = self.cache.rows(0, size)
-            if self.options.graphs:
+            if self.graphs:
                 self._decoders[size] = self._build(lambda: GraphDecoder(self.model, view, step_function=decode_step))
             else:
                 self._decoders[size] = self._build(lambda: EagerDecoder(self.model, view))
@@ -169,75 +208,86 @@ class Bucket:
 
     def decoder_name(self, size: int) -> str:
         name = self.decoder(size).name
-        if self.options.compile and self.options.graphs and not self._compiled.get(size):
+        wanted = self.options.compiled_classes is None or size in self.options.compiled_classes
+        if self.options.graphs and not self.graphs:
+            name += " (graphs wait for the side compiler)"
+        elif self.options.compile and wanted and not self._compiled.get(size):
             name += " (compiling on the side)"
         return name
 
     # ---- steps --------------------------------------------------------------------------------
-    def step(self, size: int, generating: int, settings: list[SamplingSettings], seeds: list[int],
-             draws: list[int]) -> torch.Tensor:
+    def set_row_sampling(self, index: int, settings: SamplingSettings, seed: int, draws: int) -> None:
+        """How row `index` samples from now on (kept on the device: a step copies nothing)."""
+        params = self._params
+        params.temperature[index] = settings.temperature
+        params.top_p[index] = settings.top_p
+        params.repetition_penalty[index] = settings.repetition_penalty
+        params.seeds[index] = seed
+        params.draws[index] = draws
+        width = width_of(settings, self.next_logits.shape[-1])
+        self._widths[index] = width
+        self._width_of_row[index] = width
+
+    def step(self, size: int, generating: int) -> torch.Tensor:
         """One batched decode step for rows [0, generating) (rows up to `size` idle): each row's next
-        token is drawn from its pending logits with its own settings, fed to the cache, and the new
-        logits become pending. Returns the tokens drawn [generating] (on the device)."""
-        cache = self.cache
-        active = cache.active[:size]
-        active.fill_(False)
-        active[:generating] = True
-        padded = settings + [settings[0]] * (size - generating)
-        # Built on the host, then copied without waiting: a plain host-to-device copy would wait for
-        # the GPU to finish the previous step.
-        params = RowSampling.of(padded, seeds + [0] * (size - generating), draws + [0] * (size - generating))
-        tokens = self._sample(size, padded, params)
+        token is drawn from its pending logits with its own settings (`set_row_sampling`), fed to the
+        cache, and the new logits become pending. Returns the tokens drawn [generating] (on the
+        device)."""
+        active = self.cache.active[:size]
+        if self._active_pattern != (size, generating):
+            active.fill_(False)
+            active[:generating] = True
+            self._active_pattern = (size, generating)
+        tokens = self._sample(size, generating)
+        self._params.draws[:size].add_(active.long())
         logits = self.decoder(size).step(tokens)
         pending = self.next_logits[:size]
         pending.copy_(torch.where(active.view(-1, 1), logits, pending))
-        active.fill_(True)  # prefill calls write every row of their view
         return tokens[:generating]
 
-    def _sample(self, size: int, settings: list[SamplingSettings], params: RowSampling) -> torch.Tensor:
+    def _sample(self, size: int, generating: int) -> torch.Tensor:
         """Tokens [size] for the rows' pending logits: one pass per candidate width in use."""
-        vocab = self.next_logits.shape[-1]
-        widths = [width_of(s, vocab) for s in settings]
-        tokens = None
-        for width in sorted(set(widths)):
-            drawn = self._sample_width(size, width, params)
-            if tokens is None:
-                tokens = drawn
-            else:
-                chosen = torch.tensor([w == width for w in widths]).to(drawn.device, non_blocking=True)
-                tokens = torch.where(chosen, drawn, tokens)
+        widths = sorted(set(self._widths[:generating]))
+        tokens = self._sample_width(size, widths[0])
+        for width in widths[1:]:
+            chosen = self._width_of_row[:size] == width
+            tokens = torch.where(chosen, self._sample_width(size, width), tokens)
         return tokens
 
-    def _sample_width(self, size: int, width: int, params: RowSampling) -> torch.Tensor:
+    def _row_params(self, size: int) -> RowSampling:
+        return RowSampling(**{name: getattr(self._params, name)[:size] for name in _SAMPLING_FIELDS})
+
+    def _sample_width(self, size: int, width: int) -> torch.Tensor:
         view = self.cache.rows(0, size)
-        if not self.options.graphs:
-            if view.device.type != "cpu":
-                params = RowSampling(**{name: getattr(params, name).to(view.device, non_blocking=True)
-                                        for name in _SAMPLING_FIELDS})
-            return sample_rows(self.next_logits[:size], params, width, view.token_ids, view.token_index >= 0)
+        if not self.graphs:
+            return sample_rows(self.next_logits[:size], self._row_params(size), width, view.token_ids,
+                               view.token_index >= 0)
         key = (size, width)
         if key not in self._samplers:
-            self._samplers[key] = self._capture_sampler(size, width)
-            self.counters.graphs_captured += 1
-        inputs, graph, tokens = self._samplers[key]
-        for name, buffer in inputs.items():
-            buffer.copy_(getattr(params, name), non_blocking=True)
+            # A capture must not overlap the side compiler's GPU work: sample eagerly until it is idle.
+            lock = self._compiler.lock if self._compiler is not None else None
+            if lock is not None and not lock.acquire(blocking=False):
+                return sample_rows(self.next_logits[:size], self._row_params(size), width, view.token_ids,
+                                   view.token_index >= 0)
+            try:
+                self._samplers[key] = self._capture_sampler(size, width)
+                self.counters.graphs_captured += 1
+            finally:
+                if lock is not None:
+                    lock.release()
+        graph, tokens = self._samplers[key]
         graph.replay()
         return tokens
 
     def _capture_sampler(self, size: int, width: int) -> tuple:
-        view, logits = self.cache.rows(0, size), self.next_logits[:size]
-        device = self.cache.device
-        inputs = {name: torch.zeros(size, dtype=dtype, device=device) for name, dtype in _SAMPLING_FIELDS.items()}
-        inputs["top_p"].fill_(1.0)
-        inputs["repetition_penalty"].fill_(1.0)
-        params = RowSampling(**inputs)
-        graph, tokens = capture(lambda: sample_rows(logits, params, width, view.token_ids, view.token_index >= 0),
-                                None, warmup=1)
-        return inputs, graph, tokens
+        view, logits, params = self.cache.rows(0, size), self.next_logits[:size], self._row_params(size)
+        return capture(lambda: sample_rows(logits, params, width, view.token_ids, view.token_index >= 0),
+                       None, warmup=1)
 
     def prefill(self, index: int, token_ids: torch.Tensor) -> None:
         """Encode token_ids [1, T] into row `index`; its pending logits become the last token's."""
+        self.cache.active[index] = True  # a one-token chunk writes through the decode path
+        self._active_pattern = None
         if self._prefill_decoder is None:
             if index not in self._row_decoders:
                 self._row_decoders[index] = self._build(lambda: EagerDecoder(self.model, self.cache.rows(index, index + 1)))

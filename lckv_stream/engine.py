@@ -50,6 +50,7 @@ class EngineSettings:
     graphs: bool = False  # CUDA graphs for steps, prefill chunks and the sampler
     compile: bool = False  # compile the steps on the side (plain graphs serve meanwhile)
     warm_shape: tuple[int, int] | None = None  # (sink, window) whose bucket is built at start
+    compiled_classes: tuple[int, ...] | None = None  # batch size classes to compile (None: all)
 
     def __post_init__(self) -> None:
         if self.max_batch not in (1, 2, 4, 8, 16, 32, 64):
@@ -206,7 +207,8 @@ class Engine:
         self.settings = settings or EngineSettings.for_device(self.device)
         self.counters = Counters()
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
-                                    prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0")
+                                    prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0",
+                                    compiled_classes=self.settings.compiled_classes)
         self._compiler = SideCompiler() if self.settings.compile else None
         if self.settings.compile:
             _persistent_compile_cache()
@@ -281,6 +283,20 @@ class Engine:
     def held_indices(self, row: Row) -> list[int]:
         """Stream indices of the tokens the row holds, in stream order."""
         return self._call(lambda: self._held_indices(row))
+
+    def make_resident(self, row: Row) -> float:
+        """Bring the row to the device now (from host memory, or empty); returns the seconds the
+        engine's thread spent on it. Turns do this themselves: this is for warming and measuring."""
+        def bring() -> float:
+            started = time.perf_counter()
+            if not self._make_resident(row):
+                raise EngineError("every device row of this cache shape is busy")
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            row.last_used = time.monotonic()
+            return time.perf_counter() - started
+
+        return self._call(bring)
 
     def row_stats(self, row: Row) -> CacheStats:
         """The row's cache numbers, from the host's knowledge alone (no device work, any thread)."""
@@ -357,6 +373,8 @@ class Engine:
         self._receive(block)
         if self._compiler is not None:
             self._compiler.install_ready(self.counters)
+            for bucket in list(self._buckets.values()):
+                bucket.upgrade()
         self._admit_waiting()
         for bucket in list(self._buckets.values()):
             self._decode(bucket)
@@ -572,6 +590,7 @@ class Engine:
             if isinstance(job, _Prefill):
                 self._prefills.append(job)
             else:
+                row.bucket.set_row_sampling(row.index, job.settings, row.seed, row.draws)
                 job.last = time.perf_counter()
         self._waiting = still
 
@@ -595,15 +614,15 @@ class Engine:
         if not jobs:
             return
         count = len(jobs)
-        # Generating rows first: a step of class c runs rows [0, c).
+        # The rows stepping now first: a step of class c runs rows [0, c).
+        stepping = {id(job.row) for job in jobs}
         for job in jobs:
             if job.row.index >= count:
-                target = next(i for i in range(count) if not isinstance(getattr(bucket.occupant[i], "job", None), _Generate))
+                target = next(i for i in range(count) if id(bucket.occupant[i]) not in stepping)
                 bucket.swap(job.row.index, target)
         jobs.sort(key=lambda job: job.row.index)
         try:
-            tokens = bucket.step(batch_class(count), count, [j.settings for j in jobs], [j.row.seed for j in jobs],
-                                 [j.row.draws for j in jobs]).tolist()
+            tokens = bucket.step(batch_class(count), count).tolist()
         except torch.OutOfMemoryError:
             _release_cached_memory()
             for job in jobs:

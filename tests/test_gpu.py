@@ -187,45 +187,161 @@ def test_prefill_graphs_match_eager_prefill(sink):
     assert set(graphs._prefill_graphs) == {64, 16, 4}  # 256 is over the window: not captured
 
 
-def test_sampler_graph_draws_the_tokens_of_the_eager_sampler():
-    """The sampler replayed from CUDA graphs (its noise drawn outside them, from the same generator)
-    against the eager sampler on the same step graph: the same seed gives the same tokens, over
-    settings changed mid-stream (sampled top-k/top-p, greedy, top-p over the whole vocabulary)."""
+def _conversations(vocab: int):
+    """Six conversations of different sizes, settings and lengths (two buckets), as (sink, window,
+    seed, settings, prompts)."""
     from lckv_stream.sampling import SamplingSettings
 
-    model = smollm_shaped(cla_map(30, 2))
-    prompt = torch.randint(0, 49152, (1, 40), device="cuda")
-    schedule = [SamplingSettings(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1),
-                SamplingSettings(temperature=0.0, repetition_penalty=1.3),
-                SamplingSettings(temperature=1.2, top_k=0, top_p=0.95, repetition_penalty=1.0)]
-    runs = []
-    for graphed_sampler in (False, True):
-        decoder = GraphDecoder(model, model.new_cache(sink=4, window=252))
-        if not graphed_sampler:
-            decoder._samplers = None  # the eager sampler, the same step graph
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        logits, tokens = decoder.prefill(prompt), []
-        for index in range(300):
-            token, logits = decoder.sample_and_step(logits, schedule[index // 40 % 3], generator)
-            tokens.append(int(token[0]))
-        assert ("sampler graph failed" in decoder.name) is False
-        runs.append((tokens, decoder.cache.held_indices(), decoder._samplers))
-    (eager_tokens, eager_held, _), (graph_tokens, graph_held, samplers) = runs
-    assert len(samplers) == 3
-    assert graph_tokens == eager_tokens
-    assert graph_held == eager_held
-    assert len(set(eager_tokens)) > 100  # sampled, not stuck on one token
+    g = torch.Generator().manual_seed(3)
+    sampled = SamplingSettings(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=48)
+    greedy = SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=48)
+    whole = SamplingSettings(temperature=1.2, top_k=0, top_p=0.95, repetition_penalty=1.0, max_new_tokens=48)
+    prompt = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    return [(4, 252, 1, sampled, [prompt(40), prompt(9)]), (24, 100, 2, greedy, [prompt(300), prompt(3)]),
+            (0, 60, 3, whole, [prompt(17)]), (4, 1000, 4, sampled, [prompt(120), prompt(30)]),
+            (4, 252, 5, greedy, [prompt(5), prompt(5), prompt(5)]), (8, 2000, 6, whole, [prompt(64)])]
+
+
+def _engine_replies(engine, conversations) -> list:
+    """Every conversation on its own thread at once through `engine`: the tokens of each reply."""
+    import threading
+
+    results, errors = [None] * len(conversations), []
+    barrier = threading.Barrier(len(conversations))
+
+    def work(i: int) -> None:
+        sink, window, seed, settings, prompts = conversations[i]
+        try:
+            row = engine.open_row(sink, window, seed=seed)
+            barrier.wait()
+            replies = []
+            for prompt in prompts:
+                list(engine.prefill(row, prompt, 256, threading.Event()))
+                stream, fed = engine.generate(row, settings, frozenset(), threading.Event())
+                list(stream)
+                replies.append(list(fed))
+            results[i] = replies
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(conversations))]
+    [thread.start() for thread in threads]
+    [thread.join() for thread in threads]
+    assert not errors, errors
+    return results
+
+
+def test_engine_graphs_give_the_tokens_of_the_eager_engine():
+    """Batched steps replayed from CUDA graphs (one per batch size class), the sampler replayed from
+    graphs, prefill staged through the spare row: the same kernels as the eager engine, so the same
+    tokens, for conversations of two buckets batched together."""
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.engine import Engine, EngineSettings
+
+    model = smollm_shaped(default_layer_types())
+    conversations = _conversations(49152)
+    eager = _engine_replies(Engine(model, EngineSettings(max_batch=8, graphs=False)), conversations)
+    engine = Engine(model, EngineSettings(max_batch=8, graphs=True, compile=False))
+    engine._options.prefill_graphs = False  # eager prefill on the spare row: bitwise the eager kernels
+    graphs = _engine_replies(engine, conversations)
+    assert graphs == eager
+    assert len({tuple(map(tuple, reply)) for reply in graphs}) == len(conversations)
+    stats = engine.stats()
+    # Each bucket steps on its own: four shapes here (windows 256, 256 with sink 32, 1024, 2048).
+    assert stats.tokens > stats.steps and len(stats.buckets) == 4
+
+
+def test_engine_prefill_graphs_and_offload_to_pinned_memory():
+    """Prefill chunks replayed from graphs on the spare row follow the eager engine's prefill; a row
+    offloaded to pinned host memory comes back with the same next tokens as one never offloaded."""
+    import threading
+    import time
+
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.engine import Engine, EngineSettings
+    from lckv_stream.sampling import SamplingSettings
+
+    model = smollm_shaped(default_layer_types())
+    greedy = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
+    prompt = torch.randint(3, 49152, (700,)).tolist()
+    logits = []
+    for graphs in (False, True):
+        engine = Engine(model, EngineSettings(max_batch=4, graphs=graphs, compile=False, idle_seconds=0.2))
+        row = engine.open_row(24, 252, seed=0)
+        list(engine.prefill(row, prompt, 256, threading.Event()))
+        logits.append(engine.snapshot(row, with_logits=True).logits.float())
+        held = engine.held_indices(row)
+        assert held == list(range(24)) + list(range(700 - 252, 700))
+        if graphs:
+            list(engine.generate(row, greedy, frozenset(), threading.Event())[0])
+            deadline = time.monotonic() + 20
+            while row.residence != "host" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert row.residence == "host" and all(t.is_pinned() for t in row.host.state.values())
+            stream, after = engine.generate(row, SamplingSettings(temperature=0.0, max_new_tokens=20), frozenset(),
+                                            threading.Event())
+            list(stream)
+            twin = Engine(model, EngineSettings(max_batch=4, graphs=True, compile=False))
+            other = twin.open_row(24, 252, seed=0)
+            list(twin.prefill(other, prompt, 256, threading.Event()))
+            list(twin.generate(other, greedy, frozenset(), threading.Event())[0])
+            stream, expected = twin.generate(other, SamplingSettings(temperature=0.0, max_new_tokens=20),
+                                             frozenset(), threading.Event())
+            list(stream)
+            assert after == expected
+    eager_logits, graph_logits = logits
+    assert (graph_logits - eager_logits).abs().max() <= 2e-2 * eager_logits.abs().max()
+
+
+def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
+    """At start the default bucket is captured with plain graphs and served at once; the compiled
+    steps replace them as they finish, with no compile or capture afterwards on the hot path."""
+    import threading
+    import time
+
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.engine import Engine, EngineSettings
+    from lckv_stream.sampling import SamplingSettings
+
+    model = smollm_shaped(default_layer_types())
+    started = time.perf_counter()
+    engine = Engine(model, EngineSettings(max_batch=2, graphs=True, compile=True, warm_shape=(4, 252)))
+    ready_in = time.perf_counter() - started
+    row = engine.open_row(4, 252, seed=0)
+    list(engine.prefill(row, [5, 6, 7], 256, threading.Event()))
+    first = time.perf_counter() - started
+    stream, _ = engine.generate(row, SamplingSettings(temperature=0.0, max_new_tokens=4), frozenset(), threading.Event())
+    list(stream)
+    print(f"engine ready in {ready_in:.1f} s; first tokens at {time.perf_counter() - started:.1f} s (prefill done {first:.1f} s)")
+    assert "compiling on the side" in engine.decoder_name(row) or engine.stats().compiling == 0
+    deadline = time.monotonic() + 560
+    while engine.stats().compiling and time.monotonic() < deadline:
+        list(engine.generate(row, SamplingSettings(temperature=0.0, max_new_tokens=2), frozenset(), threading.Event())[0])
+        time.sleep(0.5)
+    assert engine.stats().compiling == 0
+    name = engine.decoder_name(row)
+    assert name.startswith("cuda-graph + compile") and "failed" not in name, name
+    counters = (engine.counters.decoders_built, engine.counters.graphs_captured)
+    rows = [engine.open_row(4, 200 + i, seed=i) for i in range(2)]
+    for _ in range(3):
+        for r in rows:
+            list(engine.prefill(r, [8, 9], 256, threading.Event()))
+        streams = [engine.generate(r, SamplingSettings(temperature=0.7, max_new_tokens=8), frozenset(),
+                                   threading.Event())[0] for r in rows]
+        [list(s) for s in streams]
+    assert (engine.counters.decoders_built, engine.counters.graphs_captured) == counters
+    print(f"compiled {engine.counters.compiles_finished} steps in {engine.counters.compile_seconds:.0f} s")
 
 
 def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
-    """Two users at once on one GPU: sessions on two threads, each capturing its graphs (step,
-    prefill chunks, sampler) while the other generates, give the replies each gives alone, and
-    neither falls back or fails."""
+    """Two users at once on one GPU, each on its own thread through one engine, get the replies each
+    gets alone, and nothing falls back or fails."""
     import threading
     import traceback
 
     from app_support.tiny import tiny_model, tiny_tokenizer
     from lckv_stream.chat import CacheSettings, ChatSession
+    from lckv_stream.engine import Engine, EngineSettings
     from lckv_stream.sampling import SamplingSettings
 
     tokenizer = tiny_tokenizer()
@@ -233,10 +349,10 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     model = model.to("cuda", torch.bfloat16)
     settings = [SamplingSettings(temperature=0.9, top_k=20, max_new_tokens=40),
                 SamplingSettings(temperature=0.0, max_new_tokens=40)]
+    engine = Engine(model, EngineSettings(max_batch=4, graphs=True, compile=False))
 
     def conversation(seed: int) -> tuple[list[str], str]:
-        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 60), seed=seed,
-                           decoder_factory=lambda m, c: make_decoder(m, c, compile=False))
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 60), seed=seed, engine=engine)
         replies = [list(chat.send(f"message {turn} " * (turn + 1), settings[(seed + turn) % 2]))[-1].reply
                    for turn in range(6)]
         return replies, chat.stats().decoder
@@ -256,5 +372,5 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     for thread in threads:
         thread.join()
     assert not errors, "\n".join(errors)
-    assert together == alone
+    assert [r for r, _ in together] == [r for r, _ in alone]
     assert all("failed" not in decoder for _, decoder in alone + together)
