@@ -227,3 +227,29 @@ def test_time_the_consumer_spends_between_tokens_is_not_latency(tokenizer):
             latencies.append(event.latency_ms)
             time.sleep(0.2)  # a slow UI
     assert latencies and max(latencies) < 150
+
+
+def test_sessions_answering_at_once_get_the_replies_each_gets_alone(tokenizer):
+    """Four conversations on four threads through one engine (batched together) against the same
+    conversations one after the other: seeded sampling and greedy, different windows and prompts."""
+    from lckv_stream.engine import Engine, EngineSettings
+
+    model = tiny_model(cla_map(4, 2), vocab_size=len(tokenizer))
+    settings = [SamplingSettings(temperature=0.9, top_k=20, max_new_tokens=12),
+                SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=12)]
+
+    def conversation(engine, index: int) -> list[str]:
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 40 + 30 * index), seed=index,
+                           engine=engine)
+        return [run(chat.send(f"message {turn} from {index} " * (index + 1), settings[(index + turn) % 2]))[-1].reply
+                for turn in range(4)]
+
+    alone_engine = Engine(model, EngineSettings(max_batch=4))
+    alone = [conversation(alone_engine, index) for index in range(4)]
+    engine = Engine(model, EngineSettings(max_batch=4))
+    together = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, conversation(engine, i))) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert together == alone
+    assert engine.stats().tokens > engine.stats().steps  # some steps served several conversations

@@ -1,0 +1,98 @@
+"""Many users at once through the real app: aggregate tokens/s with N users against one alone.
+
+Starts `python app.py` (the model of --model) and drives it with gradio_client, as browsers do:
+each user has its own client (its own conversation) and sends --turns messages, each answered with
+--max-new-tokens tokens at temperature 0.7. Runs with 1 user and with each of --users, interleaved
+--repeats times (this machine is shared: the ratio is taken between runs made in the same minutes),
+and checks that no user's conversation holds another user's words.
+
+    python bench/bench_app_users.py --model default --users 8 --out bench/results/app_users
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from gradio_client import Client  # noqa: E402
+
+from served_app import serve_subprocess  # noqa: E402
+
+NUMBERS = 4  # the raw metrics output of the reply events
+
+
+def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> None:
+    """One user's conversation: `turns` messages, each naming the user (to check for cross-talk)."""
+    client = Client(url, verbose=False)
+    tokens = 0
+    for turn in range(turns):
+        client.predict(f"I am {name}. Tell me something about the number {turn}.", [], "", 4, 1024, api_name="/send")
+        job = client.submit(max_new_tokens, 0.7, 0.9, api_name="/respond")
+        job.result(timeout=600)
+        final = job.outputs()[-1]
+        tokens += final[NUMBERS]["last_turn"]["new_tokens"]
+        chat = final[0]
+    out.update(tokens=tokens, chat=chat, ended=time.perf_counter())
+
+
+def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict:
+    results = [dict() for _ in range(users)]
+    names = [f"user-{tag}-{i}" for i in range(users)]
+    threads = [threading.Thread(target=user, args=(url, names[i], turns, max_new_tokens, results[i]))
+               for i in range(users)]
+    began = time.perf_counter()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = max(r["ended"] for r in results) - began
+    for name, result in zip(names, results):
+        said = " ".join(str(message.get("content")) for message in result["chat"] if message.get("role") == "user")
+        others = [other for other in names if other != name and other in said]
+        assert name in said and not others, f"{name}'s conversation holds {others}"
+    tokens = sum(r["tokens"] for r in results)
+    return {"users": users, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--users", nargs="+", type=int, default=[8])
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    log = Path(tempfile.mkdtemp()) / "app.log"
+    rows = []
+    with serve_subprocess({"LCKV_MODEL": args.model, "LCKV_MAX_GENERATIONS": str(max(args.users))}, log, 600) as url:
+        run(url, 1, 1, 8, "warm")  # first reply: caches, buckets
+        for repeat in range(args.repeats):
+            for users in [1, *args.users]:
+                rows.append(run(url, users, args.turns, args.max_new_tokens, f"{repeat}"))
+                print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    alone = statistics.median(r["tokens_per_s"] for r in rows if r["users"] == 1)
+    print(f"\nModel {args.model}; {args.turns} turns of {args.max_new_tokens} new tokens per user; "
+          f"medians of {args.repeats} interleaved runs")
+    print("| users at once | aggregate tokens/s | per user tokens/s | vs one user |")
+    print("|---|---|---|---|")
+    summary = []
+    for users in [1, *args.users]:
+        speed = statistics.median(r["tokens_per_s"] for r in rows if r["users"] == users)
+        summary.append({"users": users, "tokens_per_s": speed, "ratio": speed / alone})
+        print(f"| {users} | {speed:.1f} | {speed / users:.1f} | {speed / alone:.2f}x |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "app_users.json").write_text(json.dumps({"model": args.model, "runs": rows, "summary": summary},
+                                                            indent=1))
+
+
+if __name__ == "__main__":
+    main()
