@@ -104,9 +104,11 @@ class ChatSession:
         prefill_chunk: int = 256,
         seed: int | None = None,
         engine: Engine | None = None,
+        recorder=None,
     ) -> None:
         """`seed` fixes the random stream of sampled replies (default: a fresh one per session);
-        `engine` defaults to the model's shared engine."""
+        `engine` defaults to the model's shared engine; `recorder` (e.g. a `StoreRecorder`) is told
+        of every change of the transcript."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
@@ -131,6 +133,57 @@ class ChatSession:
         self._epoch = 0
         self._undo_point: _Checkpoint | None = None
         self._regen_point: _Checkpoint | None = None
+        self.recorder = recorder
+
+    # ---- saving and resuming ------------------------------------------------------------------
+    def to_conversation(self, title: str = "Conversation"):
+        """The conversation as it is stored and exported (`conversation.Conversation`)."""
+        from .conversation import Conversation, ConversationSettings, Message
+
+        now = time.time()
+        messages = tuple(Message(m["role"], m["content"], tuple(ids), segment_text=text)
+                         for m, ids, text in zip(self._messages, self._segments, self._segment_texts))
+        return Conversation("", title, now, now, self._system_prompt,
+                            ConversationSettings(self._cache_settings, self.sampling), messages)
+
+    def restore(self, conversation) -> None:
+        """Take a stored or imported conversation's settings and messages; the cache is rebuilt from
+        its transcript at the next turn (pinned prefix + latest tokens)."""
+        from .conversation import CUT
+
+        with self._exclusive():
+            self._system_prompt = self._check_system_prompt(conversation.system_prompt)
+            self._cache_settings = conversation.settings.cache
+            self.sampling = conversation.settings.sampling
+            self._sink = None
+            self._messages, self._segments, self._segment_texts = [], [], []
+            self._token_count = 0
+            for message in conversation.messages:
+                ids = list(message.tokens)
+                text = message.segment_text if message.segment_text is not None else self.format.decode(ids)
+                content = self.format.decode_visible(ids) if message.status == CUT else message.content
+                self._append_message({"role": message.role, "content": content}, ids, text)
+            self._stale = True
+            self._undo_point = self._regen_point = None
+
+    def save(self, path) -> None:
+        """Export the conversation as a JSON conversation file."""
+        from pathlib import Path
+
+        from . import conversation_file
+
+        Path(path).write_text(conversation_file.dumps(self.to_conversation()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path, model, tokenizer, **kwargs) -> "ChatSession":
+        """A session resuming the conversation in a JSON conversation file (validated: a bad file
+        raises `conversation_file.ConversationFileError` naming what is wrong)."""
+        from . import conversation_file
+
+        conversation = conversation_file.load_path(path, len(tokenizer))
+        session = cls(model, tokenizer, **kwargs)
+        session.restore(conversation)
+        return session
 
     # ---- reading state ------------------------------------------------------------------------
     @property
@@ -233,6 +286,12 @@ class ChatSession:
                 )
             if not notes:
                 return "nothing changed"
+            if self.recorder is not None:
+                from .conversation import ConversationSettings
+
+                first = (self._segments[0], self._segment_texts[0]) if self._messages else None
+                self.recorder.configure(ConversationSettings(self._cache_settings, self.sampling), self._system_prompt,
+                                        first)
             if self._messages:
                 notes.append("the cache is rebuilt from the transcript (pinned prefix + most recent tokens) at the next turn")
             return "; ".join(notes)
@@ -269,6 +328,8 @@ class ChatSession:
             turn = TurnMetrics(prompt_tokens=len(ids))
             user_index = len(self._messages)
             self._append_message({"role": "user", "content": text}, [], delta)
+            if self.recorder is not None:
+                self.recorder.user_message(text, ids, delta)
             stream = self.engine.prefill(self._row, ids, self.prefill_chunk, self._stop)
             read, reported = 0, 0
             try:
@@ -318,6 +379,8 @@ class ChatSession:
         checkpoint: _Checkpoint | None,
     ) -> Iterator[Event]:
         self._append_message({"role": "assistant", "content": ""}, [], "")
+        if self.recorder is not None:
+            self.recorder.begin_reply()
         stream, fed = self.engine.generate(self._row, sampling, self.format.stop_ids, self._stop)
         generated: list[int] = []
         shown = ""
@@ -334,6 +397,8 @@ class ChatSession:
                 # Hold back a partial UTF-8 character until the next token completes it.
                 piece = "" if visible.endswith("\ufffd") else visible[len(shown):]
                 shown += piece
+                if self.recorder is not None:
+                    self.recorder.reply_token(token_id, piece)
                 yield TokenEvent(piece, token_id, latency, len(generated) - 1)
         except EngineError as error:  # the step failed: the checkpoint brings the row back
             failed = True
@@ -353,6 +418,8 @@ class ChatSession:
                 self._segment_texts[-1] = self.format.decode(fed)
                 turn.stop_reason = stream.reason
                 self.metrics.record_turn(turn)
+                if self.recorder is not None:
+                    self.recorder.end_reply(turn.stop_reason, reply, fed)
         yield TurnEnd(reply, turn.stop_reason, turn)
 
     def _append_message(self, message: dict, ids: list[int], text: str) -> None:
@@ -367,6 +434,8 @@ class ChatSession:
 
     def _truncate(self, keep_messages: int, checkpoint: _Checkpoint | None) -> None:
         """Keep the first `keep_messages` messages; restore the row from a checkpoint that fits."""
+        if self.recorder is not None and keep_messages < len(self._messages):
+            self.recorder.truncate(keep_messages)
         del self._messages[keep_messages:]
         del self._segment_texts[keep_messages:]
         for segment in self._segments[keep_messages:]:

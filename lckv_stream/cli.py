@@ -11,7 +11,8 @@ from .chat import CacheSettings, ChatSession, PrefillProgress, SessionStats, Tok
 from .metrics import TurnMetrics
 from .sampling import SamplingSettings
 
-HELP = "commands: /undo  /regen  /clear  /stats  /quit   (Ctrl-C stops a reply)"
+HELP = "commands: /undo  /regen  /clear  /stats  /save FILE  /load FILE  /quit   (Ctrl-C stops a reply)"
+CLI_OWNER = "terminal"  # the store's owner of conversations held in the terminal
 
 
 def footer(turn: TurnMetrics, stats: SessionStats) -> str:
@@ -50,8 +51,12 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    session = ChatSession(model, tokenizer, args.system, cache, settings)
-    print(f"{args.model} on {model.device} | {HELP}")
+    try:
+        session, where = _open_conversation(args, model, tokenizer, cache, settings)
+    except (ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {model.device} | {where} | {HELP}")
     while True:
         try:
             line = input("> ")
@@ -72,10 +77,60 @@ def run_chat(args: argparse.Namespace) -> int:
                 print(session.stats())
             elif command == "/regen":
                 stream_reply(session, session.regenerate())
+            elif command.startswith("/save "):
+                session.save(command[len("/save "):].strip())
+                print("[saved]")
+            elif command.startswith("/load "):
+                session = _load_file(command[len("/load "):].strip(), model, tokenizer, session)
+                print(f"[loaded {len(session.messages)} messages]")
             else:
                 stream_reply(session, session.send(line))
         except ChatError as error:
             print(f"[{error}]")
+
+
+def _open_conversation(args, model, tokenizer, cache, settings) -> tuple[ChatSession, str]:
+    """The session, recorded in the conversation store unless LCKV_STORE=off; `--resume ID` takes
+    up a stored conversation. Returns it and a line saying where it is kept."""
+    from .conversation import ConversationSettings
+    from .recording import StoreRecorder
+    from .store import ConversationNotFound, open_store
+
+    store = open_store()
+    if store is None:
+        if args.resume:
+            raise ValueError("--resume needs the conversation store (LCKV_STORE is off)")
+        return ChatSession(model, tokenizer, args.system, cache, settings), "not saved (LCKV_STORE=off)"
+    if args.resume:
+        try:
+            stored = store.load(args.resume, CLI_OWNER)
+        except ConversationNotFound:
+            raise ValueError(f"no conversation {args.resume!r} in {store.path}") from None
+        session = ChatSession(model, tokenizer, recorder=StoreRecorder(store, args.resume, CLI_OWNER))
+        session.restore(stored)
+        return session, f"resumed {args.resume} ({len(stored.messages)} messages)"
+    conversation_id = store.create(CLI_OWNER, ConversationSettings(cache, settings), args.system)
+    session = ChatSession(model, tokenizer, args.system, cache, settings,
+                          recorder=StoreRecorder(store, conversation_id, CLI_OWNER))
+    return session, f"saved as {conversation_id} (--resume {conversation_id})"
+
+
+def _load_file(path: str, model, tokenizer, current: ChatSession) -> ChatSession:
+    """A session resuming a conversation file (recorded as a new stored conversation when the
+    current one is recorded); ChatError with the file's problem otherwise."""
+    from .conversation_file import ConversationFileError
+    from .recording import StoreRecorder
+
+    try:
+        session = ChatSession.load(path, model, tokenizer)
+    except (ConversationFileError, OSError) as error:
+        raise ChatError(f"could not load {path}: {error}") from None
+    recorder = current.recorder
+    if recorder is not None:
+        conversation_id = recorder.store.insert(session.to_conversation(title=f"Imported from {path}"), CLI_OWNER)
+        session.recorder = StoreRecorder(recorder.store, conversation_id, CLI_OWNER)
+    current.close()
+    return session
 
 
 def run_fetch_base(args: argparse.Namespace) -> int:
@@ -112,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--layer-types", help="layer map for converting a plain Llama model")
     chat.add_argument("--device", default="auto")
     chat.add_argument("--system", help="system prompt (pinned in the sinks)")
+    chat.add_argument("--resume", metavar="ID", help="take up a stored conversation (its id is printed at start)")
     chat.add_argument("--sink", type=int, default=4)
     chat.add_argument("--window", type=int, default=1024)
     defaults = SamplingSettings()

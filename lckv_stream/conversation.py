@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .engine import CacheSettings
+from .chat import CacheSettings
 from .sampling import SamplingSettings
 
 ROLES = ("user", "assistant", "system")

@@ -27,7 +27,7 @@ from lckv_stream.conversation import (
     status_for_reason,
 )
 from lckv_stream.conversation_file import MAX_BYTES, ConversationFileError, dumps, loads
-from lckv_stream.engine import CacheSettings, ChatSession, TokenEvent, TurnEnd
+from lckv_stream.chat import CacheSettings, ChatSession, TokenEvent, TurnEnd
 from lckv_stream.sampling import SamplingSettings
 from lckv_stream.store import (
     DB_NAME,
