@@ -98,29 +98,34 @@ def test_stop_while_reading_a_long_paste_puts_it_back_in_the_box(served, page):
     page.wait_for_selector("#metrics table", timeout=60_000)
     session = next(iter(served.app.registry._entries.values())).session
     # Reading lasts until Stop lands (a page slow to click under load could otherwise land it after
-    # the reading ended): from the second chunk on, the reader waits for the session's stop flag.
-    read_chunk, chunks = session._decoder.prefill, []
+    # the reading ended): from the second chunk on, the engine's reader waits for the session's stop
+    # flag (this test is the engine's only user).
+    bucket = next(iter(served.app.engine._buckets.values()))  # the default shape, built at start
+    read_chunk, chunks = bucket.prefill, []
 
-    def read_until_stopped(token_ids):
+    def read_until_stopped(index, token_ids):
         chunks.append(len(chunks))
         if len(chunks) > 1:
             session._stop.wait(timeout=60)
-        return read_chunk(token_ids)
+        return read_chunk(index, token_ids)
 
-    session._decoder.prefill = read_until_stopped
-    box = page.locator("#message textarea")
-    box.fill(paste)
-    box.press("Enter")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Reading your message:')",
-                           timeout=60_000)
-    assert box.input_value() == ""
-    page.locator("#stop").click()
+    bucket.prefill = read_until_stopped
     try:
-        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped while reading')",
+        box = page.locator("#message textarea")
+        box.fill(paste)
+        box.press("Enter")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Reading your message:')",
                                timeout=60_000)
-    except sync_api.TimeoutError:
-        raise AssertionError(f"status: {page.inner_text('#status')!r}") from None
-    assert 1 < len(chunks) < 10  # stopped early in the reading, not after it
-    page.wait_for_function("(text) => document.querySelector('#message textarea').value === text", arg=paste,
-                           timeout=10_000)
-    assert page.locator("#chat .message.user").count() == 0
+        assert box.input_value() == ""
+        page.locator("#stop").click()
+        try:
+            page.wait_for_function("document.querySelector('#status').innerText.includes('stopped while reading')",
+                                   timeout=60_000)
+        except sync_api.TimeoutError:
+            raise AssertionError(f"status: {page.inner_text('#status')!r}") from None
+        assert 1 < len(chunks) < 10  # stopped early in the reading, not after it
+        page.wait_for_function("(text) => document.querySelector('#message textarea').value === text", arg=paste,
+                               timeout=10_000)
+        assert page.locator("#chat .message.user").count() == 0
+    finally:
+        bucket.prefill = read_chunk  # the app serves the module's other tests
