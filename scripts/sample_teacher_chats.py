@@ -94,10 +94,12 @@ class Row:
 
 
 def load_openings(folder: Path | None) -> list[str]:
-    """Opening paragraphs of natural documents (every .txt.xz in `folder`), for the text rows."""
+    """Opening paragraphs of natural documents (the .txt.xz files in `folder`), for the text rows;
+    conversations are left to the chat rows."""
     if folder is None or not folder.is_dir():
         return FALLBACK_OPENINGS
-    openings = [doc.split("\n\n")[0] for path in sorted(folder.glob("*.txt.xz")) for doc in read_xz_docs(path)]
+    paths = [p for p in sorted(folder.glob("*.txt.xz")) if p.name != "conversation.txt.xz"]
+    openings = [doc.split("\n\n")[0] for path in paths for doc in read_xz_docs(path)]
     return [o for o in openings if len(o.split()) >= 8] or FALLBACK_OPENINGS
 
 

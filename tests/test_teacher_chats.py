@@ -1,5 +1,6 @@
 """The distillation data formats: teacher chat plans, lockstep sampling, and the genre mix."""
 
+import lzma
 import random
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from chat_seeds import TASKS, all_topics, plan_dialogue  # noqa: E402
-from sample_teacher_chats import sample_chats  # noqa: E402
+from prepare_text_data import join_docs  # noqa: E402
+from sample_teacher_chats import FALLBACK_OPENINGS, load_openings, sample_chats  # noqa: E402
 from tokenize_corpora import dialogue_as_chat, encode_mix  # noqa: E402
 
 
@@ -92,3 +94,11 @@ def test_the_mix_counts_every_token_by_genre(chat_tokenizer):
     separator = chat_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert int((ids == separator).sum()) == len(labelled)
     assert "<|im_start|>assistant\nHi there" in chat_tokenizer.decode(ids.tolist())
+
+
+def test_text_rows_open_with_natural_prose_not_conversations(tmp_path):
+    prose = "It was the best of times, it was the worst of times, said the narrator."
+    (tmp_path / "narrative.txt.xz").write_bytes(lzma.compress(join_docs([prose + "\n\nMore."]).encode()))
+    (tmp_path / "conversation.txt.xz").write_bytes(lzma.compress(join_docs(["A: hi there how are you today\nB: fine"]).encode()))
+    assert load_openings(tmp_path) == [prose]
+    assert load_openings(tmp_path / "missing") == FALLBACK_OPENINGS
