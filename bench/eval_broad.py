@@ -30,21 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from genre_sources import read_xz_docs  # noqa: E402
 from model_pair import for_both  # noqa: E402
+from tokenize_corpora import encode_documents  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GENRES = ["fiction", "nonfiction", "conversation", "technical", "debian-handbook"]
 
 
 def genre_windows(tokenizer, docs: list[str], length: int, count: int) -> torch.Tensor:
-    """The first `count` non-overlapping windows [count, length] of the documents' token stream."""
-    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    ids: list[int] = []
-    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids += encoded + [separator]
+    """The first `count` non-overlapping windows [count, length] of the documents' token stream, encoded
+    as tokenize_corpora.py encodes held-out text (each document, then <|endoftext|>)."""
+    ids = encode_documents(tokenizer, docs, chat_share=0.0, seed=0)
     available = len(ids) // length
     if available < count:
         raise ValueError(f"{len(ids)} tokens make {available} windows of {length}, {count} asked")
-    return torch.tensor(ids[: count * length]).view(count, length)
+    return torch.from_numpy(ids[: count * length].astype("int64")).view(count, length)
 
 
 @torch.inference_mode()
