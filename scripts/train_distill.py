@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--backward-passes", type=int, default=2)
     parser.add_argument("--chat-share", type=float, default=0.4)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--select-windows", type=int, default=SELECTION_WINDOWS[1],
+                        help="held-out windows from 100 on for choosing between maps (fewer for a CPU smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -249,7 +251,7 @@ def main() -> None:
             log.append({"step": step, "kl": round(loss.item(), 5), "tokens": tokens_seen})
 
     heldout = np.load(args.data / "heldout.npy", mmap_mode="r")
-    selection_first, selection_count = SELECTION_WINDOWS
+    selection_first, selection_count = SELECTION_WINDOWS[0], args.select_windows
     result = {
         "layer_types": layer_types,
         "kv_layers": len(set(layer_types.split("_"))),
