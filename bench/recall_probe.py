@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv_stream.engine import CacheSettings, ChatSession, TurnEnd  # noqa: E402
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd  # noqa: E402
 from lckv_stream.sampling import SamplingSettings  # noqa: E402
 
 WORDS = ["lantern", "pebble", "violet", "harbor", "cinnamon", "glacier", "trumpet", "walnut", "meadow", "falcon",
