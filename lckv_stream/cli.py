@@ -1,18 +1,55 @@
-"""Command line: `python -m lckv_stream chat|fetch-base|convert`."""
+"""Command line: `python -m lckv_stream chat|fetch-base|convert`.
+
+The arguments are checked before torch and transformers load (seconds), so a bad flag or value is
+refused at once; settings take the same ranges as the web page (`limits.py`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .chat_format import ChatError
-from .chat import CacheSettings, ChatSession, PrefillProgress, SessionStats, TokenEvent, TurnEnd
-from .metrics import TurnMetrics
-from .sampling import SamplingSettings
+from . import limits
 
-HELP = "commands: /undo  /regen  /clear  /stats  /save FILE  /load FILE  /quit   (Ctrl-C stops a reply)"
+if TYPE_CHECKING:
+    from .chat import ChatSession, SessionStats
+    from .metrics import TurnMetrics
+
+COMMANDS = {
+    "/undo": "remove your last message and its reply",
+    "/regen": "a new reply to your last message",
+    "/clear": "start a new conversation",
+    "/stats": "the cache, the conversation and the last reply's speed",
+    "/save": "/save FILE: write this conversation to a file",
+    "/load": "/load FILE: take up a conversation from a file",
+    "/help": "this list",
+    "/quit": "leave (also /exit, Ctrl-D)",
+}
+ALIASES = {"/exit": "/quit"}
 CLI_OWNER = "terminal"  # the store's owner of conversations held in the terminal
+HELP = "commands: " + "  ".join(COMMANDS) + "   (Ctrl-C stops a reply; // sends a message that starts with /)"
+
+
+def command_help() -> str:
+    """The commands, one a line."""
+    return "\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()) + (
+        "\n  Ctrl-C stops a reply; start a message with // to send one that begins with /")
+
+
+def parse_line(line: str) -> tuple[str | None, str]:
+    """(command, message) for a line typed at the prompt: a known command, ("unknown", the word)
+    for a word after "/" that is no command, or (None, the message to send)."""
+    text = line.strip()
+    if text.startswith("//"):
+        return None, line.lstrip()[1:]
+    word = text.split(maxsplit=1)[0] if text else ""
+    word = ALIASES.get(word, word)
+    if word in COMMANDS:
+        return word, text.split(maxsplit=1)[1].strip() if " " in text else ""
+    if len(word) > 1 and word[0] == "/" and word[1].isalpha():
+        return "unknown", word
+    return None, line
 
 
 def footer(turn: TurnMetrics, stats: SessionStats) -> str:
@@ -25,8 +62,32 @@ def footer(turn: TurnMetrics, stats: SessionStats) -> str:
     )
 
 
+def stats_text(stats: SessionStats, turn: TurnMetrics | None) -> str:
+    """What /stats prints: a few labelled lines."""
+    cache = stats.cache
+    sink = f"sink {cache.sink} + window {cache.window}"
+    if cache.sink > stats.sink_setting:
+        sink += (f"; the sink is {stats.sink_setting} raised to {cache.sink}: the pinned start (system prompt"
+                 " and chat template header) stays in the cache")
+    lines = [
+        f"conversation   {stats.turns:,} turn{'' if stats.turns == 1 else 's'}, {stats.conversation_tokens:,} tokens",
+        f"cache holds    {cache.tokens_held:,} tokens ({sink})",
+        f"KV cache       {cache.allocated_mb:.2f} MB allocated once ({cache.used_mb:.2f} MB in use), "
+        f"{cache.kv_layers} of {cache.total_layers} layers store KV",
+        f"dense cache    {stats.dense_bytes / 2**20:.2f} MB for the same conversation (grows with it)",
+        f"decoder        {stats.decoder}",
+        f"seed           {'random, one per conversation' if stats.seed is None else stats.seed}",
+    ]
+    if turn is not None:
+        lines.append(f"last reply     {turn.new_tokens} tokens ({turn.stop_reason}), first token after "
+                     f"{turn.ttft_ms:,.0f} ms, {turn.decode_ms_per_token:.1f} ms/token ({turn.tokens_per_s:.1f} tokens/s)")
+    return "\n".join(lines)
+
+
 def stream_reply(session: ChatSession, events, out=sys.stdout) -> None:
     """Print a streamed reply; Ctrl-C stops it cleanly."""
+    from .chat import PrefillProgress, TokenEvent, TurnEnd
+
     try:
         for event in events:
             if isinstance(event, PrefillProgress):
@@ -41,8 +102,36 @@ def stream_reply(session: ChatSession, events, out=sys.stdout) -> None:
         out.write("\n[stopped]\n")
 
 
+def run_command(session: ChatSession, command: str, argument: str, out=sys.stdout) -> None:
+    """Carry out one prompt command (not /quit, /load); ChatError for one that cannot be done now."""
+    from .chat_format import ChatError
+
+    if command == "unknown":
+        out.write(f"[unknown command {argument}]\n{command_help()}\n")
+    elif command == "/help":
+        out.write(command_help() + "\n")
+    elif command == "/undo":
+        session.undo()
+        out.write("[last exchange removed]\n")
+    elif command == "/clear":
+        session.clear()
+        out.write("[new conversation]\n")
+    elif command == "/stats":
+        out.write(stats_text(session.stats(), session.metrics.last_turn) + "\n")
+    elif command == "/regen":
+        stream_reply(session, session.regenerate(), out)
+    elif command == "/save":
+        if not argument:
+            raise ChatError("/save needs a file name: /save FILE")
+        session.save(argument)
+        out.write(f"[saved to {argument}]\n")
+
+
 def run_chat(args: argparse.Namespace) -> int:
+    from .chat import CacheSettings, ChatSession
+    from .chat_format import ChatError
     from .loading import ModelLoadError, load_model
+    from .sampling import SamplingSettings
 
     try:
         settings = SamplingSettings(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_new_tokens)
@@ -63,28 +152,17 @@ def run_chat(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        command = line.strip()
+        command, argument = parse_line(line)
         try:
-            if command in ("/quit", "/exit"):
+            if command == "/quit":
                 return 0
-            if command == "/undo":
-                session.undo()
-                print("[last exchange removed]")
-            elif command == "/clear":
-                session.clear()
-                print("[new conversation]")
-            elif command == "/stats":
-                print(session.stats())
-            elif command == "/regen":
-                stream_reply(session, session.regenerate())
-            elif command.startswith("/save "):
-                session.save(command[len("/save "):].strip())
-                print("[saved]")
-            elif command.startswith("/load "):
-                session = _load_file(command[len("/load "):].strip(), model, tokenizer, session)
+            if command == "/load":
+                session = _load_file(argument, model, tokenizer, session)
                 print(f"[loaded {len(session.messages)} messages]")
-            else:
-                stream_reply(session, session.send(line))
+            elif command is not None:
+                run_command(session, command, argument)
+            elif line.strip():
+                stream_reply(session, session.send(argument))
         except ChatError as error:
             print(f"[{error}]")
 
@@ -92,6 +170,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _open_conversation(args, model, tokenizer, cache, settings) -> tuple[ChatSession, str]:
     """The session, recorded in the conversation store unless LCKV_STORE=off; `--resume ID` takes
     up a stored conversation. Returns it and a line saying where it is kept."""
+    from .chat import ChatSession
     from .conversation import ConversationSettings
     from .recording import StoreRecorder
     from .store import ConversationNotFound, open_store
@@ -100,7 +179,7 @@ def _open_conversation(args, model, tokenizer, cache, settings) -> tuple[ChatSes
     if store is None:
         if args.resume:
             raise ValueError("--resume needs the conversation store (LCKV_STORE is off)")
-        return ChatSession(model, tokenizer, args.system, cache, settings), "not saved (LCKV_STORE=off)"
+        return ChatSession(model, tokenizer, args.system, cache, settings, seed=args.seed), "not saved (LCKV_STORE=off)"
     if args.resume:
         try:
             stored = store.load(args.resume, CLI_OWNER)
@@ -110,7 +189,7 @@ def _open_conversation(args, model, tokenizer, cache, settings) -> tuple[ChatSes
         session.restore(stored)
         return session, f"resumed {args.resume} ({len(stored.messages)} messages)"
     conversation_id = store.create(CLI_OWNER, ConversationSettings(cache, settings), args.system)
-    session = ChatSession(model, tokenizer, args.system, cache, settings,
+    session = ChatSession(model, tokenizer, args.system, cache, settings, seed=args.seed,
                           recorder=StoreRecorder(store, conversation_id, CLI_OWNER))
     return session, f"saved as {conversation_id} (--resume {conversation_id})"
 
@@ -118,9 +197,13 @@ def _open_conversation(args, model, tokenizer, cache, settings) -> tuple[ChatSes
 def _load_file(path: str, model, tokenizer, current: ChatSession) -> ChatSession:
     """A session resuming a conversation file (recorded as a new stored conversation when the
     current one is recorded); ChatError with the file's problem otherwise."""
+    from .chat import ChatSession
+    from .chat_format import ChatError
     from .conversation_file import ConversationFileError
     from .recording import StoreRecorder
 
+    if not path:
+        raise ChatError("/load needs a file name: /load FILE")
     try:
         session = ChatSession.load(path, model, tokenizer)
     except (ConversationFileError, OSError) as error:
@@ -159,7 +242,20 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def setting(name: str):
+    """An argparse `type=` for setting `name`: its range from limits.py, said when refused."""
+    def convert(text: str):
+        try:
+            return limits.parse(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag; settings take their defaults and ranges from limits.py."""
     parser = argparse.ArgumentParser(prog="python -m lckv_stream", description="LCKV + StreamingLLM chat")
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="chat in the terminal")
@@ -168,14 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="auto")
     chat.add_argument("--system", help="system prompt (pinned in the sinks)")
     chat.add_argument("--resume", metavar="ID", help="take up a stored conversation (its id is printed at start)")
-    chat.add_argument("--sink", type=int, default=4)
-    chat.add_argument("--window", type=int, default=1024)
-    defaults = SamplingSettings()
-    chat.add_argument("--temperature", type=float, default=defaults.temperature)
-    chat.add_argument("--top-p", type=float, default=defaults.top_p)
-    chat.add_argument("--top-k", type=int, default=defaults.top_k)
-    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    for name in ("sink", "window", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+        low, high = limits.LIMITS[name]
+        chat.add_argument(f"--{name.replace('_', '-')}", type=setting(name), default=limits.DEFAULTS[name],
+                          help=f"{limits.DEFAULTS[name]} by default ({low:g} to {high:g})")
+    chat.add_argument("--seed", type=setting("seed"), default=None,
+                      help="fix the random stream of replies (the same messages get the same replies); "
+                           "default: a random one")
     chat.set_defaults(run=run_chat)
     fetch = commands.add_parser("fetch-base", help="download and prepare the base model once")
     fetch.set_defaults(run=run_fetch_base)

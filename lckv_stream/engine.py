@@ -252,6 +252,14 @@ class Engine:
         if not row.closed and not self._closed:
             self._call(lambda: self._close(row))
 
+    def reseed(self, row: Row, seed: int | None) -> None:
+        """Restart the row's random stream from `seed` (None: a fresh random one) at its next reply."""
+        def apply() -> None:
+            self._require_idle(row)
+            row.seed, row.draws = secrets.randbits(63) if seed is None else seed, 0
+
+        self._call(apply)
+
     def release_row(self, row: Row) -> None:
         """`close_row` without waiting for it (from finalizers: any thread, never blocks)."""
         if not row.closed and not self._closed:

@@ -71,6 +71,9 @@ def load_model(
             f"model {source!r} not found: give 'default', a local folder with config.json, a .gguf file, "
             "or a Hugging Face id like 'whynlp/tinyllama-lckv-w10-ft-250b'"
         )
+    from .modeling import register_auto_classes
+
+    register_auto_classes()  # an lckv-llama folder or Hub id loads through the Auto classes
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)

@@ -100,6 +100,17 @@ class ConversationMetrics:
         self.turns.append(turn)
         del self.turns[: -self.history_limit]
 
+    def latency_series(self, max_points: int) -> list[tuple[int, float]]:
+        """(token number, ms) over the whole history in at most `max_points` points: every token
+        while they fit, else the mean of equal runs of consecutive tokens (each at its last token),
+        so a plot of a long conversation costs the same to send as a short one."""
+        points = list(self.token_ms)
+        if len(points) <= max_points:
+            return points
+        run = -(-len(points) // max_points)
+        return [(chunk[-1][0], sum(ms for _, ms in chunk) / len(chunk))
+                for chunk in (points[i : i + run] for i in range(0, len(points), run))]
+
     @property
     def last_turn(self) -> TurnMetrics | None:
         return self.turns[-1] if self.turns else None

@@ -22,6 +22,10 @@ from .attention import ForwardContext, Rope
 from .cache import SinkWindowCache
 from .config import LCKVLlamaConfig
 
+# Newer transformers name the output's cache `cache` and warn on the old `past_key_values`: pass
+# whichever this version declares.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class LCKVLlamaAttention(nn.Module):
     """Attention that reads the KV of `layer_map.sources[layer]`; k/v projections only on producers."""
@@ -205,7 +209,7 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values})
 
     def _sequential(self, input_ids: torch.LongTensor, cache: SinkWindowCache | None) -> torch.Tensor:
         """Exact token-by-token encoding; without a cache, a temporary one that holds everything."""

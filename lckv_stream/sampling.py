@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
-# (low, high) inclusive bounds of every setting, for validation and for UI sliders.
-LIMITS: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0),
-    "top_p": (0.05, 1.0),
-    "top_k": (0, 1000),
-    "repetition_penalty": (1.0, 2.0),
-    "max_new_tokens": (1, 4096),
-}
+from .limits import DEFAULTS, LIMITS, check  # noqa: F401  (LIMITS: the ranges, re-exported)
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """How the next token is chosen. temperature 0 means greedy; top_k 0 means no top-k cut."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 512
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float = DEFAULTS["top_p"]
+    top_k: int = DEFAULTS["top_k"]
+    repetition_penalty: float = DEFAULTS["repetition_penalty"]
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
 
     def __post_init__(self) -> None:
+        """Every field checked against `limits.LIMITS` (whole-number fields become ints)."""
         for spec in fields(self):
-            value = getattr(self, spec.name)
-            low, high = LIMITS[spec.name]
-            whole = spec.type in (int, "int")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{spec.name} must be a number, got {value!r}")
-            if whole and value != int(value):
-                raise ValueError(f"{spec.name} must be a whole number, got {value!r}")
-            if not math.isfinite(value) or not low <= value <= high:
-                raise ValueError(f"{spec.name} must be between {low:g} and {high:g}, got {value!r}")
-            if whole:
-                object.__setattr__(self, spec.name, int(value))
+            object.__setattr__(self, spec.name, check(spec.name, getattr(self, spec.name)))
 
 
 def penalize_repeats(logits: torch.Tensor, previous: torch.Tensor, held: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -232,7 +232,7 @@ def one_turn(url: str) -> str:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    client.predict("Hello!", [], "", 4, 256, api_name="/send")
+    client.predict("Hello!", "", 4, 256, None, api_name="/send")  # message, system prompt, sink, window, seed
     return client.submit(4, 0.7, 0.9, api_name="/respond").result(timeout=120)[1]  # (chat, status, ...)
 
 

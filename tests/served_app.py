@@ -25,6 +25,24 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def fill_transcript(session, turns: int, start: int = 0) -> None:
+    """Test hook: `turns` exchanges ("turn N", then the reply "ok") written straight into a ChatSession's
+    transcript: the messages and the tokens each adds, as a turn would encode them, without running
+    the model. The session re-encodes its cache from the transcript at its next turn (the pinned
+    start and the latest window), as it does after a settings change. For tests of what a long
+    conversation costs the page; what the model does with one is tested in test_chat.py."""
+    chat_format = session.format
+    end = [chat_format.tokenizer.eos_token_id]  # how the template closes a message (<|im_end|>)
+    with session._exclusive():
+        for turn in range(start, start + turns):
+            text = f"turn {turn}"
+            delta = chat_format.new_turn_text(session._conversation(), text, session._segment_texts)
+            session._append_message({"role": "user", "content": text}, chat_format.encode(delta), delta)
+            reply = chat_format.encode("ok") + end
+            session._append_message({"role": "assistant", "content": "ok"}, reply, chat_format.decode(reply))
+        session._stale = True
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,25 +1,27 @@
 """The real app (app.py) served on a local port with the tiny random model, driven through gradio_client.
 
-Events that stream a reply return (chat, status, metrics table, latency plot, raw metrics); the plot
-comes as a Gradio update ({"__type__": "update", "value": ...}, no "value" when an update leaves it as
-it is; see app.as_update).
+Events that stream a reply return (chat, status, metrics table, latency plot, raw metrics); Send
+returns the same and the message box. The plot comes as a Gradio update ({"__type__": "update",
+"value": ...}, no "value" when an update leaves it as it is; see handlers.as_update).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+import urllib.request
 
 import pytest
 from gradio_client import Client
-from gradio_client.exceptions import AppError
 
 import app as app_module
-from served_app import serve_in_process
+from served_app import fill_transcript, serve_in_process
 
 WINDOW = 64
 CHAT, STATUS, PANEL, PLOT, NUMBERS = range(5)  # what the reply events return over the API
+BOX = 5  # Send's sixth output: the message box
 # Greedy decoding of this prompt on the tiny model never reaches its end-of-turn token: a reply that
 # runs until stopped.
 ENDLESS = dict(message="hello", temperature=0.0, max_new_tokens=4096)
@@ -27,8 +29,12 @@ ENDLESS = dict(message="hello", temperature=0.0, max_new_tokens=4096)
 
 @pytest.fixture(scope="module")
 def served():
+    # A closed API client's session ends at the server's next heartbeat (default: every 15 s).
+    heartbeat = pytest.MonkeyPatch()
+    heartbeat.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")
     with serve_in_process(model="tiny-random", window=WINDOW, max_generations=2, idle_minutes=30) as server:
         yield server
+    heartbeat.undo()
 
 
 @pytest.fixture
@@ -41,9 +47,9 @@ def client(served):
     return Client(served.url, verbose=False)
 
 
-def send(client: Client, message: str, system_prompt: str = "", sink: int = 4, window: int = WINDOW):
-    """The Send step: (message box, chat shown, status)."""
-    return client.predict(message, [], system_prompt, sink, window, api_name="/send")
+def send(client: Client, message, system_prompt="", sink=4, window=WINDOW, seed=None):
+    """The Send step: (chat shown, status, panel, plot, numbers, message box)."""
+    return client.predict(message, system_prompt, sink, window, seed, api_name="/send")
 
 
 def respond(client: Client, max_new_tokens: int = 12, temperature: float = 0.7, top_p: float = 0.9):
@@ -55,9 +61,11 @@ def updates(job) -> list:
     return job.outputs()
 
 
-def turn(client: Client, message: str, system_prompt: str = "", sink: int = 4, window: int = WINDOW, **sampling) -> list:
+def turn(client: Client, message: str, system_prompt: str = "", sink: int = 4, window: int = WINDOW,
+         seed=None, **sampling) -> list:
     """Send, then the streamed reply's updates; the settings go with the message, as in the UI."""
-    send(client, message, system_prompt, sink, window)
+    sent = send(client, message, system_prompt, sink, window, seed)
+    assert not sent[STATUS].startswith("⚠️"), sent[STATUS]
     return updates(respond(client, **sampling))
 
 
@@ -79,8 +87,8 @@ def wait_for(condition, timeout_s: float = 30) -> None:
 
 
 def test_a_turn_streams_partial_updates_with_live_metrics(client, chat_app):
-    chat, draft, status = send(client, ENDLESS["message"])
-    assert draft == "" and text_of(chat[-1]) == ENDLESS["message"]
+    sent = send(client, ENDLESS["message"])
+    assert sent[BOX] == "" and text_of(sent[CHAT][-1]) == ENDLESS["message"]
     outs = updates(respond(client, max_new_tokens=200, temperature=ENDLESS["temperature"]))
     streaming = [out for out in outs if out[STATUS].startswith("Streaming")]
     assert len(streaming) > 1
@@ -105,7 +113,7 @@ def test_the_empty_plot_already_has_numeric_axes(client):
 def test_gradio_holds_one_config_per_component_however_many_turns(served, client):
     """Gradio 6.31 keeps a new config (value included) for a component that gets a plain value or is
     read as an input after a gr.skip() of it: a chat, a plot and a message box per turn grew the
-    server 20% over 500 turns (see app.as_update)."""
+    server 20% over 500 turns (see handlers.as_update)."""
     configs = lambda: len(served.demo.state_holder[client.session_hash].config_values)  # noqa: E731
     turn(client, "one", max_new_tokens=20, temperature=0.0)
     before = configs()
@@ -176,7 +184,7 @@ def test_busy_message_when_every_generation_slot_is_taken(served, chat_app):
         jobs.append(respond(runner, max_new_tokens=ENDLESS["max_new_tokens"], temperature=ENDLESS["temperature"]))
     wait_for(chat_app.slots.full)
     waiting = Client(served.url, verbose=False)
-    _, _, status = send(waiting, "my turn?")
+    status = send(waiting, "my turn?")[STATUS]
     assert "Busy" in status and "queued" in status
     queued = respond(waiting, max_new_tokens=4)
     for runner in runners:
@@ -185,33 +193,103 @@ def test_busy_message_when_every_generation_slot_is_taken(served, chat_app):
     assert all("stopped" in updates(job)[-1][STATUS] for job in jobs)
 
 
-def test_empty_message_is_refused_and_nothing_changes(client, chat_app):
+def test_empty_message_is_a_notice_and_nothing_changes(client, chat_app):
+    """No Gradio error (red badges on every output): a notice in the status, the text stays in the box,
+    and the reply step that follows Send on the page only repeats it."""
     turn(client, "first")
     before = chat_app.registry.peek(client.session_hash).messages
     for empty in ("", "   \n\t "):
-        with pytest.raises(AppError, match="the message is empty"):
-            send(client, empty)
+        sent = send(client, empty)
+        assert sent[STATUS] == "⚠️ the message is empty: type something to send" and sent[BOX] == empty
+        assert [text_of(m).strip() for m in sent[CHAT]] == [m["content"].strip() for m in before]
+        assert updates(respond(client))[-1][STATUS] == sent[STATUS]
     assert chat_app.registry.peek(client.session_hash).messages == before
 
 
+def test_a_message_is_answered_once(client, chat_app):
+    turn(client, "only once")
+    again = client.predict(12, 0.7, 0.9, api_name="/respond")
+    assert again[STATUS] == "⚠️ there is no message to answer: send one first (each message is answered once)"
+    assert len(chat_app.registry.peek(client.session_hash).messages) == 2
+    fresh = Client(client.src, verbose=False)
+    assert fresh.predict(12, 0.7, 0.9, api_name="/respond")[STATUS].startswith("⚠️ there is no message to answer")
+
+
 def test_control_characters_are_stripped(client, chat_app):
-    chat, _, _ = send(client, "hi\x00\x07 there\x1b")
+    chat = send(client, "hi\x00\x07 there\x1b")[CHAT]
     assert text_of(chat[-1]) == "hi there"
     updates(respond(client))
     assert chat_app.registry.peek(client.session_hash).messages[0]["content"] == "hi there"
 
 
-def test_out_of_range_settings_say_which_and_why(client, chat_app):
-    with pytest.raises(AppError, match="maximum"):
-        client.predict(12, 5.0, 0.9, api_name="/respond")
-    with pytest.raises(AppError, match="minimum"):
-        send(client, "hello", window=1)
-    with pytest.raises(AppError, match="maximum"):
-        send(client, "hello", sink=1000)
-    assert chat_app.registry.peek(client.session_hash) is None  # refused before reaching the app
-    with pytest.raises(AppError, match="system prompt is too long"):
-        send(client, "hello", system_prompt="Be nice. " * 3000)
+@pytest.mark.parametrize("field, value, expected", [
+    ("sink", "abc", "sink must be a whole number between 0 and 64, got 'abc'"),
+    ("sink", None, "sink must be a whole number between 0 and 64, got None"),
+    ("window", 1, "window must be between 16 and 8192, got 1"),
+    ("sink", 1000, "sink must be between 0 and 64, got 1000"),
+    ("window", 100.5, "window must be a whole number, got 100.5"),
+    ("seed", "x", "seed must be a whole number between 0 and 9223372036854775807, got 'x'"),
+    ("message", None, "a message must be text, got NoneType"),
+    ("message", 42, "a message must be text, got int"),
+    ("system_prompt", 7, "the system prompt must be text, got int"),
+    ("system_prompt", "Be nice. " * 3000, "the system prompt is too long: keep it under 4096 tokens"),
+])
+def test_bad_send_values_get_clear_notices(client, chat_app, field, value, expected):
+    values = dict(message="hello", system_prompt="", sink=4, window=WINDOW, seed=None) | {field: value}
+    sent = client.predict(*values.values(), api_name="/send")
+    assert sent[STATUS] == f"⚠️ {expected}"
     assert chat_app.registry.peek(client.session_hash).messages == []
+
+
+@pytest.mark.parametrize("values, expected", [
+    ((12, "abc", 0.9), "temperature must be a number between 0 and 2, got 'abc'"),
+    ((None, 0.7, 0.9), "max_new_tokens must be a whole number between 1 and 4096, got None"),
+    ((12, 5.0, 0.9), "temperature must be between 0 and 2, got 5.0"),
+])
+def test_bad_reply_settings_get_clear_notices_and_the_message_back(client, chat_app, values, expected):
+    send(client, "hello")
+    assert client.predict(*values, api_name="/respond")[STATUS] == f"⚠️ {expected}"
+    assert client.predict(api_name="/restore_draft") == "hello"
+    assert chat_app.registry.peek(client.session_hash).messages == []
+    assert client.predict("abc", 0.7, 0.9, 0.9, api_name="/long_conversation")[STATUS] == (
+        "⚠️ turns must be a whole number between 5 and 500, got 'abc'")
+    assert client.predict(None, 0.7, 0.9, api_name="/regenerate")[STATUS].startswith("⚠️ max_new_tokens must be")
+
+
+def raw_call(url: str, api_name: str, body: bytes) -> str:
+    """Gradio's REST API with a body written by hand, as any HTTP client may send it: the final event."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=body,
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.loads(direct.open(request, timeout=30).read())["event_id"]
+    with direct.open(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=60) as stream:
+        text = stream.read().decode()
+    return text.rsplit("data:", 1)[-1].strip()
+
+
+def test_a_lone_surrogate_gets_a_clear_notice(served, capfd):
+    """JSON can carry half of a UTF-16 surrogate pair ("\\ud800"): it is not text and cannot be encoded
+    back; echoing it made the server fail mid-response and the client was cancelled."""
+    # Over the REST API every output comes back, the page's states and buttons too.
+    status, box = 2, 9
+    body = b'{"data": ["hi \\ud800 there", "", 4, 64, null]}'
+    outputs = json.loads(raw_call(served.url, "send", body))
+    assert outputs[status] == ("⚠️ the message holds an invalid character at position 3 (a lone UTF-16 "
+                               "surrogate, '\\ud800'): remove it and send again")
+    assert outputs[box] == "hi \ufffd there"
+    system = b'{"data": ["hi", "\\udfff", 4, 64, null]}'
+    assert "the system prompt holds an invalid character" in json.loads(raw_call(served.url, "send", system))[status]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_user_errors_leave_no_traceback_in_the_server_log(client, capfd):
+    send(client, "")
+    send(client, "hi", sink="abc")
+    client.predict(12, "hot", 0.9, api_name="/respond")
+    client.predict(api_name="/undo")
+    client.predict(api_name="/restore_draft")
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_a_100k_token_paste_is_read_in_chunks_into_the_bounded_cache(client, chat_app):
@@ -230,24 +308,58 @@ def test_a_100k_token_paste_is_read_in_chunks_into_the_bounded_cache(client, cha
     assert session.messages[0]["content"] == paste
 
 
-def test_an_error_mid_turn_puts_the_message_back_and_keeps_the_transcript(client, chat_app):
+def test_a_second_message_while_a_reply_streams_is_refused_and_the_transcript_kept(client, chat_app):
     turn(client, "first")
     before = chat_app.registry.peek(client.session_hash).messages
     send(client, ENDLESS["message"])
     running = respond(client, max_new_tokens=ENDLESS["max_new_tokens"], temperature=ENDLESS["temperature"])
     wait_for(lambda: len(running.outputs()) >= 2)
-    # A second reply in the same session while one streams: the engine refuses it (busy).
-    status = client.predict(12, 0.7, 0.9, api_name="/respond")[STATUS]
-    assert status.startswith("⚠️ busy") and client.predict(api_name="/restore_draft") == ENDLESS["message"]
+    # Another message or reply in the same session while one streams is refused; the text stays in the box.
+    refused = send(client, "not now")
+    assert refused[STATUS].startswith("⚠️ a reply is still being written") and refused[BOX] == "not now"
+    assert client.predict(6, 0.7, 0.9, api_name="/regenerate")[STATUS].startswith("⚠️ busy")
     client.predict(api_name="/stop")
     updates(running)
     after = chat_app.registry.peek(client.session_hash).messages
     assert after[: len(before)] == before and after[len(before)]["content"] == ENDLESS["message"]
 
 
+class FailingEngine:
+    """The session's engine, except that reading a message fails as running out of memory does."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, row, ids, chunk, stop):
+        from lckv_stream.engine import EngineError, JobStream
+
+        stream = JobStream()
+        stream.fail(EngineError("out of memory while reading the message"))
+        return stream
+
+
+def test_an_engine_failure_puts_the_message_back_and_keeps_the_transcript(client, chat_app):
+    turn(client, "first")
+    session = chat_app.registry.peek(client.session_hash)
+    before = session.messages
+    session.engine = FailingEngine(session.engine)
+    try:
+        send(client, "this one fails")
+        outs = updates(respond(client))
+    finally:
+        session.engine = session.engine._engine
+    assert outs[-1][STATUS].startswith("⚠️ out of GPU memory while answering: nothing from this turn was kept")
+    assert client.predict(api_name="/restore_draft") == "this one fails"
+    assert session.messages == before
+    assert turn(client, "works again")[-1][STATUS].startswith("Done:")
+
+
 def test_settings_change_explains_itself_and_applies_next_turn(client, chat_app):
     turn(client, "first")
-    status = client.predict("Answer in French.", 8, 128, api_name="/configure")
+    status = client.predict("Answer in French.", 8, 128, None, api_name="/configure")
     assert "system prompt updated" in status and "next turn" in status
     session = chat_app.registry.peek(client.session_hash)
     assert session.system_prompt == "Answer in French." and session.cache_settings.window == 128
@@ -287,3 +399,99 @@ def test_config_comes_from_the_environment():
         app_module.AppConfig.from_env({"LCKV_WINDOW": "big"})
     with pytest.raises(ValueError, match="window"):
         app_module.AppConfig.from_env({"LCKV_WINDOW": "0"})
+
+
+def test_fresh_sessions_reply_differently_and_a_seed_replays(served):
+    """Each conversation draws its own random seed; the seed setting makes replies reproducible."""
+    def reply(seed=None, client=None) -> str:
+        client = client or Client(served.url, verbose=False)
+        return text_of(turn(client, "Tell me a story.", seed=seed, max_new_tokens=24, temperature=0.7)[-1][CHAT][-1])
+
+    assert reply() != reply()
+    fixed = reply(seed=1234)
+    assert reply(seed=1234) == fixed != reply(seed=99)
+    # A new conversation (Clear) with the seed set replays the first reply too.
+    replayed = Client(served.url, verbose=False)
+    assert reply(seed=1234, client=replayed) == fixed
+    replayed.predict(api_name="/clear")
+    assert reply(seed=1234, client=replayed) == fixed
+
+
+def test_the_panel_explains_a_raised_sink_and_resets_on_clear(client, chat_app):
+    outs = turn(client, "hello there", system_prompt="You are a very helpful assistant who answers briefly.", sink=4)
+    numbers, table = outs[-1][NUMBERS], outs[-1][PANEL]
+    session = chat_app.registry.peek(client.session_hash)
+    assert numbers["sink_setting"] == 4 and numbers["sink"] == numbers["pinned_tokens"] == session.stats().cache.sink > 4
+    assert (f"sink {numbers['sink']} + window {WINDOW}; sink set to 4, raised to the {numbers['pinned_tokens']} tokens"
+            " of the pinned start: system prompt and chat template header") in table
+    assert f"{numbers['cache_used_mb']:.2f} MB of it in use" in table and numbers["cache_used_mb"] > 0
+    assert "**Server (all users)**" in table and "MB for" in table
+    chat, status, table, plot, numbers = client.predict(api_name="/clear")
+    assert chat == [] and numbers["last_turn"] is None and numbers["tokens_generated"] == 0
+    assert "| Time to first token (last turn) | – |" in table and updated(plot)["data"] == []
+
+
+def test_the_chats_own_clear_retry_and_undo_icons_act_on_the_conversation(served):
+    """The Chatbot's trash, retry and undo icons are the Clear, Regenerate and Undo events."""
+    config = served.demo.get_config_file()
+    chat_id = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "chat")
+    targets = {dep["api_name"]: {tuple(t) for t in dep["targets"]} for dep in config["dependencies"]}
+    assert (chat_id, "clear") in targets["clear"] and (chat_id, "retry") in targets["regenerate"]
+    assert (chat_id, "undo") in targets["undo"]
+
+
+def test_a_long_conversation_shows_its_latest_messages_and_earlier_ones_on_demand(client, chat_app):
+    from app_support.chat_view import LATEST, MAX_SHOWN, PAGE
+
+    client.predict(api_name="/open")
+    fill_transcript(chat_app.registry.peek(client.session_hash), 160)
+    outs = turn(client, "turn 160", max_new_tokens=1)
+    shown = [text_of(m) for m in outs[-1][CHAT] if m["role"] == "user"]
+    assert len(outs[-1][CHAT]) == LATEST and shown[-1] == "turn 160" and shown[0] == f"turn {161 - LATEST // 2}"
+    views = [client.predict(api_name="/earlier") for _ in range(5)]
+    firsts = [text_of(view[CHAT][0]) for view in views]
+    assert firsts == [f"turn {161 - (LATEST + PAGE * k) // 2}" for k in range(1, 6)]
+    assert all(len(view[CHAT]) <= MAX_SHOWN for view in views) and len(views[-1][CHAT]) == MAX_SHOWN
+    first = 322 - LATEST - 5 * PAGE
+    assert views[-1][STATUS] == f"Showing messages {first + 1:,}–{first + MAX_SHOWN:,} of 322."
+    latest = client.predict(api_name="/latest")
+    session = chat_app.registry.peek(client.session_hash)
+    assert text_of(latest[CHAT][-1]).strip() == session.messages[-1]["content"].strip() and len(latest[CHAT]) == LATEST
+    client.predict(api_name="/earlier")
+    # A new reply brings the view back to the latest messages.
+    assert len(turn(client, "and now?", max_new_tokens=1)[-1][CHAT]) == LATEST
+
+
+def test_memory_is_given_back_after_bursts_of_users(served, chat_app):
+    """Three bursts of 16 API users, each a turn with an 8,192-token window (bigger rows and snapshots),
+    every session closed after its burst: the process comes back down each time, and after the
+    third is where it was after the first."""
+    from lckv_stream.metrics import process_rss_mb
+
+    def burst() -> tuple[float, float]:
+        clients = [Client(served.url, verbose=False) for _ in range(16)]
+        threads = [threading.Thread(target=turn, args=(c, f"user {i}"), kwargs=dict(window=8192, max_new_tokens=2))
+                   for i, c in enumerate(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        hashes = {c.session_hash for c in clients}
+        assert hashes <= set(chat_app.registry._entries)
+        opened = process_rss_mb()
+        closing = [threading.Thread(target=c.close) for c in clients]  # each heartbeat ends: the unload event
+        for thread in closing:                                              # closes the session
+            thread.start()
+        for thread in closing:
+            thread.join(timeout=30)
+        # Gradio's own state of each session goes too.
+        wait_for(lambda: not hashes & (set(chat_app.registry._entries) | set(served.demo.state_holder.session_data)),
+                 timeout_s=60)
+        return opened, process_rss_mb()
+
+    before = process_rss_mb()
+    rounds = [burst() for _ in range(3)]
+    print(f"\nRSS before {before:.0f} MB; bursts (open -> closed): "
+          + ", ".join(f"{opened:.0f} -> {closed:.0f}" for opened, closed in rounds))
+    assert rounds[2][1] <= rounds[0][1] * 1.10
+    assert all(closed - before < 0.5 * (opened - before) for opened, closed in rounds[1:])

@@ -16,6 +16,7 @@ import time
 import pytest
 from gradio_client import Client
 
+from app_support.chat_view import LATEST
 from lckv_stream.base_model import cache_dir, cached_gguf
 from served_app import serve_subprocess
 
@@ -40,16 +41,17 @@ def test_500_turns_keep_cache_and_process_memory_flat(tmp_path):
         client = Client(url, verbose=False)
         per_turn, started = [], time.monotonic()
         for turn in range(TURNS):
-            client.predict(f"Hi {turn}", [], "", 4, WINDOW, api_name="/send")
+            client.predict(f"Hi {turn}", "", 4, WINDOW, None, api_name="/send")
             reply = client.submit(MAX_NEW_TOKENS, 0.7, 0.9, api_name="/respond").result(timeout=120)
             numbers = reply[NUMBERS]
             assert reply[STATUS].startswith("Done:"), f"turn {turn}: {reply[STATUS]}"
             assert numbers["last_turn"]["new_tokens"] >= 1 and numbers["turns"] == turn + 1
             per_turn.append(numbers)
         seconds = time.monotonic() - started
-    # Nothing of the transcript is lost: every message, in order, each with its reply.
-    assert [m["role"] for m in reply[CHAT]] == ["user", "assistant"] * TURNS
-    assert [m["content"][0]["text"] for m in reply[CHAT][::2]] == [f"Hi {turn}" for turn in range(TURNS)]
+    # Nothing of the transcript is lost: every message, each with its reply; the page shows the latest.
+    assert reply[NUMBERS]["messages"] == 2 * TURNS
+    assert [m["role"] for m in reply[CHAT]] == ["user", "assistant"] * (LATEST // 2)
+    assert [m["content"][0]["text"] for m in reply[CHAT][::2]] == [f"Hi {turn}" for turn in range(TURNS - LATEST // 2, TURNS)]
     settled = per_turn[SETTLED - 1]
     assert all(n["cache_mb"] == settled["cache_mb"] for n in per_turn[SETTLED:])
     last = per_turn[-1]

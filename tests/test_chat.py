@@ -159,7 +159,10 @@ def test_an_over_long_message_is_encoded_in_chunks_within_the_bound(tokenizer):
     assert chat.messages[0]["content"] == long_text
 
 
-@pytest.mark.parametrize("message, fragment", [("", "empty"), ("   \n", "empty"), (None, "must be text"), (42, "must be text")])
+@pytest.mark.parametrize("message, fragment", [
+    ("", "empty"), ("   \n", "empty"), (None, "must be text"), (42, "must be text"),
+    ("hi \ud800", r"invalid character at position 3 \(a lone UTF-16 surrogate"),
+])
 def test_bad_messages_are_named(tokenizer, message, fragment):
     chat = session(tokenizer)
     with pytest.raises(ChatError, match=fragment):
@@ -253,3 +256,90 @@ def test_sessions_answering_at_once_get_the_replies_each_gets_alone(tokenizer):
     [t.join() for t in threads]
     assert together == alone
     assert engine.stats().tokens > engine.stats().steps  # some steps served several conversations
+def test_an_edit_replaces_a_message_and_drops_what_followed(tokenizer):
+    chat = session(tokenizer, window=400)
+    for text in ("one", "two", "three"):
+        run(chat.send(text))
+    reply = run(chat.edit(2, "TWO"))[-1].reply
+    assert [m["content"] for m in chat.messages[::2]] == ["one", "TWO"] and len(chat.messages) == 4
+    # The cache was rebuilt from the transcript: the same as a conversation that went this way.
+    fresh = session(tokenizer, window=400)
+    run(fresh.send("one"))
+    assert run(fresh.send("TWO"))[-1].reply == reply and fresh.transcript == chat.transcript
+    assert chat.stats().cache.tokens_seen == len(chat.transcript)
+    # Editing the last message comes back from its checkpoint, with the same result.
+    again = run(chat.edit(2, "TWO"))[-1].reply
+    assert again == reply and chat.transcript == fresh.transcript
+
+
+@pytest.mark.parametrize("index, text, fragment", [
+    (1, "hi", "only your own messages"), (7, "hi", "no message 7"), (-1, "hi", "no message -1"),
+    (0, "   ", "empty"), (True, "hi", "no message True"),
+])
+def test_a_bad_edit_is_refused_and_changes_nothing(tokenizer, index, text, fragment):
+    chat = session(tokenizer)
+    run(chat.send("one"))
+    before = (chat.messages, chat.transcript)
+    with pytest.raises(ChatError, match=fragment):
+        chat.edit(index, text)
+    assert (chat.messages, chat.transcript) == before
+
+
+def test_sessions_draw_their_own_seeds_and_a_seed_replays(tokenizer):
+    model = tiny_model(lckv_map(4), vocab_size=len(tokenizer))
+    sampled = SamplingSettings(temperature=0.7, max_new_tokens=24)
+
+    def reply(chat) -> str:
+        return run(chat.send("Tell me a story."))[-1].reply
+
+    def new(seed=None) -> ChatSession:
+        return ChatSession(model, tokenizer, sampling=sampled, seed=seed)
+
+    assert reply(new()) != reply(new())
+    fixed = reply(new(7))
+    assert reply(new(7)) == fixed
+    later = new()
+    assert "seed 7" in later.configure(seed=7) and later.seed == 7
+    assert reply(later) == fixed
+    later.clear()  # a new conversation with the seed set starts its stream again
+    assert reply(later) == fixed
+    assert "fresh random seed" in later.configure(seed=None) and later.stats().seed is None
+    with pytest.raises(ValueError, match="seed must be"):
+        later.configure(seed=-1)
+
+
+def test_clear_starts_new_metrics(tokenizer):
+    chat = session(tokenizer)
+    run(chat.send("one"))
+    assert chat.metrics.last_turn is not None and chat.metrics.tokens_generated > 0
+    chat.clear()
+    assert chat.metrics.last_turn is None and chat.metrics.tokens_generated == 0 and not chat.metrics.token_ms
+    assert chat.stats().turns == 0
+
+
+def test_a_view_of_a_long_conversation_costs_what_it_shows(tokenizer):
+    chat = session(tokenizer, sampling=SamplingSettings(temperature=0, max_new_tokens=1))
+    for turn in range(30):
+        run(chat.send(f"turn {turn}"))
+    assert chat.message_count == 60 and chat.stats().turns == 30
+    assert chat.message_slice(56) == chat.messages[56:] and chat.message_slice(2, 4) == chat.messages[2:4]
+    chat.message_slice(0, 1)[0]["content"] = "changed"  # a copy
+    assert chat.messages[0]["content"] == "turn 0"
+    chat.undo()
+    assert chat.stats().turns == 29 and chat.message_count == 58
+
+
+def test_stats_say_when_the_pinned_start_raises_the_sink(tokenizer):
+    chat = session(tokenizer, sink=2, system_prompt="You are a helpful assistant.")
+    stats = chat.stats()
+    assert stats.sink_setting == 2 and stats.pinned_tokens == stats.cache.sink > 2
+
+
+def test_close_gives_the_cache_and_the_snapshots_back(tokenizer):
+    chat = session(tokenizer)
+    run(chat.send("one"))
+    chat.close()
+    assert chat.engine.stats().rows_on_device == 0 and chat.engine.stats().rows_on_host == 0
+    assert chat._undo_point is None and chat._regen_point is None
+    assert run(chat.send("two"))[-1].reason in ("eos", "max_new_tokens")  # rebuilt from the transcript
+    assert chat.stats().cache.tokens_seen == len(chat.transcript)

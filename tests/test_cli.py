@@ -1,7 +1,22 @@
+import io
+import subprocess
+import sys
+import time
+
+import pytest
+
 from app_support.tiny import tiny_model
-from lckv_stream.cli import footer, main
+from lckv_stream import limits
+from lckv_stream.cli import COMMANDS, build_parser, footer, main, parse_line, run_command, stats_text
 from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
 from lckv_stream.sampling import SamplingSettings
+from served_app import ROOT
+
+
+@pytest.fixture
+def chat(tokenizer):
+    return ChatSession(tiny_model(vocab_size=len(tokenizer)), tokenizer, cache_settings=CacheSettings(4, 32),
+                       sampling=SamplingSettings(temperature=0, max_new_tokens=5))
 
 
 def test_unknown_model_path_is_a_clear_error(capsys):
@@ -9,14 +24,74 @@ def test_unknown_model_path_is_a_clear_error(capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_out_of_range_setting_is_a_clear_error(capsys):
-    assert main(["chat", "--window", "0"]) == 2
-    assert "window" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value, message", [
+    ("--window", "0", "window must be between 16 and 8192, got 0"),
+    ("--window", "1", "window must be between 16 and 8192, got 1"),
+    ("--sink", "65", "sink must be between 0 and 64, got 65"),
+    ("--temperature", "hot", "temperature must be a number between 0 and 2, got 'hot'"),
+    ("--seed", "1.5", "seed must be a whole number between 0 and 9223372036854775807, got '1.5'"),
+])
+def test_out_of_range_settings_are_refused_with_the_pages_limits(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["chat", flag, value])
+    assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
-def test_footer_reports_what_the_engine_measured(tokenizer):
-    chat = ChatSession(tiny_model(vocab_size=len(tokenizer)), tokenizer, cache_settings=CacheSettings(4, 32),
-                       sampling=SamplingSettings(temperature=0, max_new_tokens=5))
+def test_a_bad_flag_is_refused_before_torch_is_imported():
+    """The arguments are checked first: the CLI refused a bad flag only after ~8 s of imports."""
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['lckv_stream', 'chat', '--no-such-flag']\n"
+             "try:\n    runpy.run_module('lckv_stream', run_name='__main__')\n"
+             "except SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert "unrecognized arguments: --no-such-flag" in done.stderr and time.monotonic() - started < 30
+
+
+def test_the_cli_and_the_page_share_defaults_and_limits():
+    chat_flags = build_parser()._subparsers._group_actions[0].choices["chat"]
+    defaults = {action.dest: action.default for action in chat_flags._actions}
+    settings = SamplingSettings()
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+        assert defaults[name] == getattr(settings, name) == limits.DEFAULTS[name]
+    assert (defaults["sink"], defaults["window"]) == (CacheSettings().sink, CacheSettings().window)
+    assert defaults["seed"] is None
+
+
+@pytest.mark.parametrize("line, parsed", [
+    ("/undo", ("/undo", "")), ("  /stats  ", ("/stats", "")), ("/exit", ("/quit", "")),
+    ("/foo", ("unknown", "/foo")), ("/foo bar", ("unknown", "/foo")),
+    ("//foo is a path", (None, "/foo is a path")), ("/ is the root", (None, "/ is the root")),
+    ("hello /undo", (None, "hello /undo")), ("", (None, "")),
+])
+def test_prompt_lines_are_commands_or_messages(line, parsed):
+    assert parse_line(line) == parsed
+
+
+def test_an_unknown_command_is_refused_with_the_list_of_commands(chat):
+    out = io.StringIO()
+    run_command(chat, *parse_line("/foo"), out=out)
+    text = out.getvalue()
+    assert text.startswith("[unknown command /foo]\n") and all(name in text for name in COMMANDS)
+    assert chat.messages == []  # nothing was sent to the model
+
+
+def test_stats_are_readable_lines(chat):
+    end = [e for e in chat.send("hello") if isinstance(e, TurnEnd)][0]
+    stats = chat.stats()
+    text = stats_text(stats, end.metrics)
+    lines = {line[:15].strip(): line[15:] for line in text.splitlines()}
+    assert lines["conversation"] == f"1 turn, {stats.conversation_tokens:,} tokens"
+    assert lines["cache holds"].startswith(f"{stats.cache.tokens_held:,} tokens (sink {stats.cache.sink} + window 32")
+    assert f"the sink is 4 raised to {stats.cache.sink}" in lines["cache holds"]
+    assert lines["KV cache"].startswith(f"{stats.cache.allocated_mb:.2f} MB allocated once ({stats.cache.used_mb:.2f} MB in use)")
+    assert lines["seed"] == "random, one per conversation"
+    assert lines["last reply"].startswith(f"{end.metrics.new_tokens} tokens ({end.metrics.stop_reason})")
+    assert "SessionStats(" not in text and "CacheStats(" not in text
+
+
+def test_footer_reports_what_the_engine_measured(chat):
     end = [e for e in chat.send("hello") if isinstance(e, TurnEnd)][0]
     stats = chat.stats()
     line = footer(end.metrics, stats)
@@ -48,3 +123,21 @@ def test_a_terminal_conversation_is_stored_resumed_saved_and_loaded(tokenizer, t
     assert "could not load" in chat([f"/load {bad}", "/quit"])
     assert main(["chat", "--model", str(folder), "--resume", "no-such-id"]) == 2
     assert "no conversation" in capsys.readouterr().err
+def test_no_deprecation_warning_before_the_first_reply(chat):
+    """transformers warned "`past_key_values`/`cache_params` are deprecated" at the first reply (the
+    model's output named its cache the old way)."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = transformers_logging.get_logger("transformers")
+    library.warning_once.cache_clear()  # it warns once per process
+    library.addHandler(handler)
+    try:
+        list(chat.send("hello"))
+    finally:
+        library.removeHandler(handler)
+    assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]

@@ -49,6 +49,16 @@ def test_unknown_instructions_and_other_pythons_are_refused(tmp_path):
         check.do_from(build, "python:2.7-slim")
 
 
+def test_the_image_installs_the_cpu_build_of_torch_at_the_pinned_version_first():
+    """PyPI's default torch for Linux pulls about 3 GB of CUDA libraries into a cpu-basic Space."""
+    runs = [step.args for step in check.parse((ROOT / "Dockerfile").read_text()) if step.name == "RUN"]
+    torch_step = next(i for i, args in enumerate(runs) if "download.pytorch.org/whl/cpu" in args)
+    requirements_step = next(i for i, args in enumerate(runs) if "-r requirements.txt" in args)
+    assert torch_step < requirements_step and "grep '^torch==' requirements.txt" in runs[torch_step]
+    pins = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch==")]
+    assert len(pins) == 1
+
+
 def test_the_dockerfile_builds_and_the_app_answers_offline_on_its_port():
     """Minutes: a fresh venv with requirements.txt, the base model fetched, the app started offline."""
     result = subprocess.run(
