@@ -2,6 +2,7 @@
 
 from .cache import CacheStats, SinkWindowCache
 from .config import LCKVLlamaConfig
+from .generation import StreamingCache
 from .layer_map import LayerMap, cla_map, identity_map, lckv_map, yoco_map
 from .modeling import LCKVLlamaForCausalLM, LCKVLlamaModel, register_auto_classes
 
@@ -14,6 +15,7 @@ __all__ = [
     "LCKVLlamaModel",
     "LayerMap",
     "SinkWindowCache",
+    "StreamingCache",
     "cla_map",
     "identity_map",
     "lckv_map",

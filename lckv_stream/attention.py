@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernel
-from .cache import SinkWindowCache
+from .cache import EMPTY, SinkWindowCache
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,8 @@ class ForwardContext:
     decode_kernel: bool = False  # one-token call through the Triton kernel
     sink_cos: torch.Tensor | None = None  # decode kernel: RoPE of the sink keys' places [batch, sink, dim]
     sink_sin: torch.Tensor | None = None
+    padded: bool = False  # some rows start with padding: masks instead of the fused causal kernel
+    most_padding: int = 0  # the largest row padding (host), for the sink columns to re-score
     produced: dict[int, ProducedKV] = field(default_factory=dict)
     _masks: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _sink_plan: tuple[torch.Tensor, ...] | None = None
@@ -96,16 +98,24 @@ class ForwardContext:
         groups: int,
         sliding_window: int,
         dtype: torch.dtype,
+        padding: list[int] | None = None,
     ) -> "ForwardContext":
+        """`padding`: per row, how many of the T new tokens are left padding (None: none). Padding
+        gets stream index EMPTY: no query sees it, it sees nothing, and it is not cached."""
         batch, steps = input_ids.shape
-        offsets = torch.arange(steps, device=input_ids.device)
-        if cache is None:
-            query_index = offsets.unsqueeze(0)
-            cos, sin = rope(query_index, dtype)
-            return cls(rope, None, steps, groups, dtype, query_index, cos, sin, sliding_window)
-        query_index = cache.seen.unsqueeze(1) + offsets  # [batch, T]
+        offsets = torch.arange(steps, device=input_ids.device).unsqueeze(0)
+        start = cache.seen.unsqueeze(1) if cache is not None else 0
+        if padding is None:
+            query_index = start + offsets  # [batch or 1, T]
+        else:
+            pad = torch.tensor(padding, device=input_ids.device).view(-1, 1)
+            query_index = torch.where(offsets >= pad, start + offsets - pad, EMPTY)
         cos, sin = rope(query_index, dtype)
         context = cls(rope, cache, steps, groups, dtype, query_index, cos, sin, sliding_window)
+        if padding is not None:
+            context.padded, context.most_padding = True, max(padding)
+        if cache is None:
+            return context
         context.shift = cache.shift(query_index)
         if steps == 1 and cache.attention_backend == "triton":
             # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
@@ -166,8 +176,8 @@ class ForwardContext:
             self.produce(layer, zeros, zeros)
         return self.produced[layer]
 
-    def finish(self, token_ids: torch.Tensor) -> None:
-        """Commit the call's new tokens to the cache."""
+    def finish(self, token_ids: torch.Tensor, padding: list[int] | None = None) -> None:
+        """Commit the call's new tokens to the cache (not the rows' left padding)."""
         cache = self.cache
         if cache is None:
             return
@@ -180,6 +190,7 @@ class ForwardContext:
             torch.stack([self.produced[layer].new_raw_keys for layer in layers]).detach(),
             torch.stack([self.produced[layer].new_values for layer in layers]).detach(),
             token_ids,
+            padding,
         )
 
     # ---- attention ----------------------------------------------------------------------------
@@ -189,7 +200,7 @@ class ForwardContext:
         if self.decode_kernel:
             return _unfold_heads(self._kernel_attention(query, kv, source, no_diagonal, sliding), self.groups)
         rotated = apply_rope(query, self.query_cos, self.query_sin)
-        if self.cache is None and not sliding:
+        if self.cache is None and not sliding and not self.padded:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
         mask, has_key = self._mask(no_diagonal, sliding)
         folded = _fold_heads(rotated, self.groups)
@@ -237,9 +248,9 @@ class ForwardContext:
             else:
                 k = self._key_index().unsqueeze(1)
                 visible = self.cache.visible(q, k)
-            visible &= (k < q) if no_diagonal else (k <= q)
+            visible = visible & ((k < q) if no_diagonal else (k <= q))
             if sliding:
-                visible &= k > q - self.sliding_window
+                visible = visible & (k > q - self.sliding_window)
             visible = visible.unsqueeze(1).repeat(1, 1, self.groups, 1)
             self._masks[key] = (visible, visible.any(dim=-1, keepdim=True))
         return self._masks[key]
@@ -269,7 +280,7 @@ class ForwardContext:
         if self._sink_plan is None:
             cache = self.cache
             device = self.query_index.device
-            new_sinks = min(cache.sink, self.steps)
+            new_sinks = min(cache.sink + self.most_padding, self.steps)  # a row's sinks follow its padding
             columns = torch.cat((torch.arange(cache.sink, device=device),
                                  torch.arange(cache.capacity, cache.capacity + new_sinks, device=device)))
             column_index = self._key_index()[:, columns]

@@ -150,6 +150,20 @@ class SinkWindowCache:
         view._batch_rows = torch.arange(stop - start, device=self.device).view(-1, 1)
         return view
 
+    def gathered(self, index: torch.Tensor) -> "SinkWindowCache":
+        """A new cache whose row i is a copy of row index[i] (beam search reorders rows this way)."""
+        picked = object.__new__(type(self))
+        picked.__dict__.update(self.__dict__)
+        for name in _PER_ROW:
+            value = getattr(self, name)
+            setattr(picked, name, [v.index_select(0, index) for v in value] if isinstance(value, list)
+                    else value.index_select(0, index))
+        picked.batch_size = index.numel()
+        picked._sizes = [list(self._sizes[self._first + i]) for i in index.tolist()]
+        picked._first = 0
+        picked._batch_rows = torch.arange(picked.batch_size, device=self.device).view(-1, 1)
+        return picked
+
     # ---- layout -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -256,18 +270,20 @@ class SinkWindowCache:
 
     # ---- writing: many tokens (prefill) ---------------------------------------------------------
     def write_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
-                    token_ids: torch.Tensor) -> None:
+                    token_ids: torch.Tensor, padding: list[int] | None = None) -> None:
         """Append T tokens to every row for every producer: [producers, batch, kv_heads, T, dim];
-        token_ids [batch, T]."""
+        token_ids [batch, T]. `padding`: per row, how many of the T are left padding, not stored."""
         steps = token_ids.shape[1]
-        if steps <= self.smallest_window():
+        if padding is None and steps <= self.smallest_window():
             self._write_short_chunk(keys, raw_keys, values, token_ids)
             return
+        padding = padding or [0] * self.batch_size
         for row, start in enumerate(self.seen.tolist()):
             # Only the sinks and the last `window` tokens of the chunk survive; skip the rest so that no
             # slot is written twice.
-            offsets = self.kept_in_chunk(row, start, steps)
-            kept = offsets + start
+            kept = self.kept_in_chunk(row, start, steps - padding[row])
+            offsets = kept + padding[row]  # where they are in the chunk
+            kept = kept + start
             slots = self.rows(row, row + 1).slot_of(kept.view(1, -1)).view(-1)
             sinks = kept < self.row_size(row)[0]
             has_sinks = bool(sinks.any())
@@ -278,7 +294,7 @@ class SinkWindowCache:
                     self.sink_keys[layer][row, :, kept[sinks]] = raw_keys[layer, row, :, offsets[sinks]]
             self.token_index[row, slots] = kept
             self.token_ids[row, slots] = token_ids[row, offsets]
-        self.seen += steps
+        self.seen += steps - torch.tensor(padding, device=self.device)
 
     def _write_short_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
                            token_ids: torch.Tensor) -> None:

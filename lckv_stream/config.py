@@ -14,10 +14,12 @@ class LCKVLlamaConfig(LlamaConfig):
 
     layer_types: underscore-separated ints, the i-th is the layer whose KV layer i reads; an `s` suffix
         marks a sliding-window layer. Defaults to the identity map (plain Llama).
-    forward_passes: iterations of the parallel forward for training and prompt encoding.
-    backward_passes: how many of the last iterations carry gradients.
+    forward_passes: m, iterations without gradients of the parallel forward (training and prompt
+        encoding) over each group of layers with a cyclic dependency.
+    backward_passes: b, iterations with gradients that follow them (m + b in all; b = 0 runs as 1).
     sliding_window: window of the layers marked `s`.
-    use_sequential: encode token by token (exact, slow).
+    use_sequential: encode token by token (exact, slow). Prompts of at most m + b tokens are encoded
+        so anyway when the map reads from above (the parallel iteration would not converge).
     force_nodiag: never attend to the diagonal in any layer.
     """
 
@@ -43,13 +45,10 @@ class LCKVLlamaConfig(LlamaConfig):
     def validate_layer_type(self):
         """Part of `@strict` validation: the layer map must parse and match num_hidden_layers."""
         LayerMap.parse(self.layer_types, self.num_hidden_layers)
-        if self.forward_passes < 1:
-            raise ValueError(f"forward_passes must be at least 1, got {self.forward_passes}")
-        if not 0 <= self.backward_passes <= self.forward_passes:
-            raise ValueError(
-                f"backward_passes must be between 0 and forward_passes ({self.forward_passes}), "
-                f"got {self.backward_passes}"
-            )
+        # The official config accepts any counts; negative ones have no meaning (they would run as 0).
+        for name in ("forward_passes", "backward_passes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1, got {self.sliding_window}")
 

@@ -64,6 +64,11 @@ class LayerMap:
         """True when the layer reads a KV made higher up: the current token's KV does not exist yet."""
         return self.sources[layer] > layer
 
+    @property
+    def reads_above(self) -> bool:
+        """Whether some layer reads a KV made higher up (the map has a cyclic dependency)."""
+        return any(self.attends_above(layer) for layer in range(len(self)))
+
     def iteration_groups(self) -> list[tuple[int, int, bool]]:
         """Split the layers into consecutive groups (start, stop, cyclic).
 
@@ -86,6 +91,13 @@ class LayerMap:
                 groups.append((start, stop, False))
                 start = stop
         return groups
+
+
+def iteration_plan(forward_passes: int, backward_passes: int) -> tuple[bool, ...]:
+    """Whether each iteration of a cyclic group carries gradients, as the official code plans them:
+    `forward_passes` (m) iterations without, then `backward_passes` (b) with, m + b in all. Its last
+    iteration always carries them, so b = 0 runs like b = 1 (m + 1 iterations)."""
+    return (False,) * forward_passes + (True,) * max(backward_passes, 1)
 
 
 def identity_map(num_layers: int) -> str:

@@ -19,7 +19,7 @@ def test_streaming_matches_the_slow_reference(layer_types, sink, window):
         decoded = torch.cat([model(torch.tensor([[t]]), cache).logits[0] for t in ids])
         chunked_cache = model.new_cache(sink, window)
         # chunks long enough to overflow the cache inside one call; enough passes to be exact
-        chunked = torch.cat([model(torch.tensor([part]), chunked_cache, forward_passes=22).logits[0]
+        chunked = torch.cat([model(torch.tensor([part]), chunked_cache, forward_passes=22, sequential=False).logits[0]
                              for part in (ids[:3], ids[3:15], ids[15:])])
     assert (decoded - expected).abs().max() < 1e-5
     assert (chunked - expected).abs().max() < 1e-5
@@ -40,7 +40,7 @@ def test_chunks_encoded_as_a_captured_call_would_match_the_reference(layer_types
     expected, expected_held = streaming_logits(model, ids, 4, 5)
     with torch.no_grad():
         cache = model.new_cache(4, 5)
-        chunked = torch.cat([model(torch.tensor([part]), cache, forward_passes=22).logits[0]
+        chunked = torch.cat([model(torch.tensor([part]), cache, forward_passes=22, sequential=False).logits[0]
                              for part in (ids[:2], ids[2:4], ids[4:9], ids[9:12], ids[12:17], ids[17:])])
     assert (chunked - expected).abs().max() < 1e-5
     assert cache.held_indices() == expected_held

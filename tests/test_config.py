@@ -31,9 +31,16 @@ def test_mismatched_layer_types_is_a_clear_error():
         LCKVLlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, layer_types="0_1")
 
 
+def test_counts_the_official_config_accepts_are_accepted():
+    for m, b in [(0, 0), (0, 3), (1, 5), (7, 2)]:  # b > m and b = 0 mean something in the official code
+        config = LCKVLlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, forward_passes=m,
+                                 backward_passes=b)
+        assert (config.forward_passes, config.backward_passes) == (m, b)
+
+
 @pytest.mark.parametrize("field, value, fragment", [
-    ("forward_passes", 0, "forward_passes"),
-    ("backward_passes", 9, "backward_passes"),
+    ("forward_passes", -1, "forward_passes"),
+    ("backward_passes", -2, "backward_passes"),
     ("sliding_window", 0, "sliding_window"),
 ])
 def test_out_of_range_fields_are_named(field, value, fragment):
