@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
@@ -55,6 +59,48 @@ class LCKVLlamaConfig(LlamaConfig):
     @property
     def layer_map(self) -> LayerMap:
         return LayerMap.parse(self.layer_types, self.num_hidden_layers)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "LCKVLlamaConfig":
+        """As transformers reads it; the `torch_dtype` that `to_dict` writes beside `dtype` is dropped
+        first (it would only bring transformers' deprecation warning)."""
+        if "dtype" in config_dict and config_dict.get("torch_dtype") == config_dict["dtype"]:
+            config_dict = {k: v for k, v in config_dict.items() if k != "torch_dtype"}
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """config.json, readable by the official code (a transformers 4 LlamaConfig) as the same model."""
+        fields = for_official_readers(json.loads(self.to_json_string(use_diff=use_diff)), Path(json_file_path).parent)
+        Path(json_file_path).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def for_official_readers(fields: dict, folder: Path) -> dict:
+    """The saved fields plus what readers of transformers 4 configs look for at the top level:
+    transformers 5 keeps `rope_theta` inside `rope_parameters` and writes `dtype`, so the official
+    code would read rope_theta 10000 and float32. `auto_map` stays only when the code files it names
+    are in `folder` (else `trust_remote_code` would look for missing files). The identity map is left
+    out: it is the default everywhere, and transformers' plain LlamaConfig, whose `layer_types` means
+    something else, then reads a plain Llama's config."""
+    fields = dict(fields)
+    rope = dict(fields.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        fields["rope_theta"] = rope.pop("rope_theta")
+    fields["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if fields.get("dtype") is not None:
+        fields["torch_dtype"] = fields["dtype"]
+    if fields.get("auto_map") and not all((folder / name).is_file() for name in _code_files(fields["auto_map"])):
+        del fields["auto_map"]
+    if fields.get("layer_types") == identity_map(fields["num_hidden_layers"]):
+        del fields["layer_types"]
+    return fields
+
+
+def _code_files(auto_map: dict) -> set[str]:
+    """The module files an auto_map names ("modeling_lckv.LCKVLlamaForCausalLM" -> modeling_lckv.py)."""
+    references = []
+    for value in auto_map.values():
+        references.extend(value if isinstance(value, (list, tuple)) else [value])
+    return {reference.split("--")[-1].rsplit(".", 1)[0] + ".py" for reference in references if reference}
 
 
 __all__ = ["LCKVLlamaConfig"]
