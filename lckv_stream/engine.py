@@ -299,8 +299,11 @@ class Engine:
         return self._call(bring)
 
     def row_stats(self, row: Row) -> CacheStats:
-        """The row's cache numbers, from the host's knowledge alone (no device work, any thread)."""
-        return row_stats(_RowAccounting(self.model, row), 0, row.seen)
+        """The row's cache numbers, from the host's knowledge alone (no device work, any thread): a
+        cache of its bucket's shape on the meta device does the accounting."""
+        accounting = self.model.new_cache(*bucket_shape(row.sink, row.window), device="meta")
+        accounting.set_row_size(0, row.sink, row.window)
+        return row_stats(accounting, 0, row.seen)
 
     def decoder_name(self, row: Row) -> str:
         """The step that serves the row now (its batch size class while it generates)."""
@@ -706,29 +709,6 @@ def _persistent_compile_cache() -> None:
 
 
 def _row_bytes(model, sink: int, window: int) -> int:
-    """Bytes of one row of a bucket of this shape (what `SinkWindowCache.row_bytes` gives), from the
-    model's config and dtype, without allocating it."""
-    config = model.config
-    producers = len(config.layer_map.producers)
-    element = torch.empty((), dtype=model.dtype).element_size()
-    capacity = sink + window
-    kv = 2 * producers * config.num_key_value_heads * capacity * config.head_dim * element
-    sinks = producers * config.num_key_value_heads * sink * config.head_dim * element
-    return kv + sinks + 2 * capacity * 8 + 8  # + token_index, token_ids, seen
-
-
-class _RowAccounting:
-    """What `row_stats` reads, for one row (its own sizes inside its bucket's shape)."""
-
-    def __init__(self, model, row: Row) -> None:
-        config = model.config
-        element = torch.empty((), dtype=model.dtype).element_size()
-        self.producers = config.layer_map.producers
-        self.num_layers = config.num_hidden_layers
-        self.bytes_per_token = len(self.producers) * 2 * config.num_key_value_heads * config.head_dim * element
-        self.dense_bytes_per_token = self.bytes_per_token // len(self.producers) * self.num_layers
-        self.row_bytes = _row_bytes(model, *bucket_shape(row.sink, row.window))
-        self._size = (row.sink, row.window)
-
-    def row_size(self, row: int = 0) -> tuple[int, int]:
-        return self._size
+    """Bytes of one row of a bucket of this shape (what `SinkWindowCache.row_bytes` gives), from a
+    cache of that shape on the meta device: nothing is allocated."""
+    return model.new_cache(sink, window, device="meta").row_bytes

@@ -57,6 +57,13 @@ class LayerMap:
         """Layers that compute and cache KV (every layer some layer reads), in ascending order."""
         return tuple(sorted(set(self.sources)))
 
+    @property
+    def sliding_only_producers(self) -> tuple[int, ...]:
+        """Producers whose every reader is a sliding-window layer: their KV is needed for
+        `sliding_window` recent tokens only."""
+        return tuple(p for p in self.producers
+                     if all(self.sliding[i] for i, source in enumerate(self.sources) if source == p))
+
     def computes_kv(self, layer: int) -> bool:
         return layer in set(self.sources)
 
