@@ -1,4 +1,4 @@
-"""Command line: `python -m lckv_stream chat|fetch-base|convert`."""
+"""Command line: `lckv-stream chat|fetch-base|convert` (or `python -m lckv_stream ...`)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lckv_stream", description="LCKV + StreamingLLM chat")
+    parser = argparse.ArgumentParser(prog="lckv-stream", description="LCKV + StreamingLLM chat (also `python -m lckv_stream`)")
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="chat in the terminal")
     chat.add_argument("--model", default="default", help="'default', a folder, a .gguf file or a Hub id")

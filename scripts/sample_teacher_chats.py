@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -19,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream import identity_map  # noqa: E402
-from lckv_stream.base_model import load_base  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.sampling import SamplingSettings, sample_next  # noqa: E402
+from lckv_stream import identity_map
+from lckv_stream.base_model import load_base
+from lckv_stream.convert import convert_llama
+from lckv_stream.sampling import SamplingSettings, sample_next
 
 TOPICS = """photosynthesis; black holes; the French revolution; Python lists; baking bread; the water cycle;
 volcanoes; the stock market; machine learning; honeybees; the Roman empire; climate change; jazz music;

@@ -22,3 +22,18 @@ def test_footer_reports_what_the_engine_measured(tokenizer):
     line = footer(end.metrics, stats)
     assert f"held {stats.cache.tokens_held}/{stats.conversation_tokens} tokens" in line
     assert f"cache {stats.cache.allocated_mb:.2f} MB" in line and "eager" in line
+
+
+def test_the_installed_command_and_package_data_point_at_what_exists():
+    """pyproject.toml's `lckv-stream` entry point and the default model's package data (the check that
+    `pip install .` works in a fresh venv is manual: it downloads the dependencies)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    module, function = project["project"]["scripts"]["lckv-stream"].split(":")
+    assert getattr(importlib.import_module(module), function) is main
+    folder = root / project["tool"]["setuptools"]["package-dir"]["lckv_stream.default_model_files"]
+    assert (folder / "config.json").is_file() and list(folder.glob("delta-*.safetensors"))
