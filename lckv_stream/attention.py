@@ -304,8 +304,7 @@ def _capturing(tensor: torch.Tensor) -> bool:
 def choose_attention_backend(cache: SinkWindowCache) -> str:
     """The attention of one-token steps on this cache, chosen once when a step is built: "triton"
     (the decode kernel) for a 16-bit cache on CUDA with Triton and no sliding-window ring, unless
-    LCKV_DECODE_KERNEL=0; else
-    "torch". Sets it on the cache and returns it."""
+    LCKV_DECODE_KERNEL=0; else "torch". Sets it on the cache and returns it."""
     # The kernel reads one slot layout; producers on a sliding-window ring have another.
     kernel = (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
               and not cache.ring_layers and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")

@@ -71,11 +71,6 @@ class LayerMap:
         """True when the layer reads a KV made higher up: the current token's KV does not exist yet."""
         return self.sources[layer] > layer
 
-    @property
-    def reads_above(self) -> bool:
-        """Whether some layer reads a KV made higher up (the map has a cyclic dependency)."""
-        return any(self.attends_above(layer) for layer in range(len(self)))
-
     def iteration_groups(self) -> list[tuple[int, int, bool]]:
         """Split the layers into consecutive groups (start, stop, cyclic).
 

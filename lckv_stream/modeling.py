@@ -216,7 +216,8 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, LCKVGenerationMixin):
         if sequential is None:
             m = config.forward_passes if forward_passes is None else forward_passes
             b = config.backward_passes if backward_passes is None else backward_passes
-            sequential = config.use_sequential or (config.layer_map.reads_above and steps <= m + b)
+            reads_above = any(cyclic for _, _, cyclic in self.model.groups)
+            sequential = config.use_sequential or (reads_above and steps <= m + b)
         if (sequential or steps == 1) and padding is not None:
             hidden = self._sequential(input_ids, cache, attention_mask[:, -steps:].bool())
         elif sequential and steps > 1:
