@@ -98,7 +98,7 @@ class SinkWindowCache:
         self.capacity = self.sink + self.window
         self.batch_size = batch_size
         shorter = 0 < sliding_window < self.window
-        self.ring_layers = tuple(layer for layer in self.producers if layer in set(sliding_producers)) if shorter else ()
+        self.ring_layers = tuple(layer for layer in self.producers if layer in sliding_producers) if shorter else ()
         self.ring_window = int(sliding_window) if self.ring_layers else 0
         self.ring_capacity = self.sink + self.ring_window
         # One buffer per producer layer: a compiled decode step then writes each in place; slices of
@@ -202,10 +202,6 @@ class SinkWindowCache:
         """Whether a producer layer keeps only the sliding window (its buffers are ring_capacity long)."""
         return layer in self.ring_layers
 
-    def key_index(self, layer: int) -> torch.Tensor:
-        """Stream index of each slot of a producer layer's buffers, [batch, slots] (EMPTY: none)."""
-        return self.ring_index if layer in self.ring_layers else self.token_index
-
     def layer_keys(self, layer: int) -> torch.Tensor:
         """Rotated keys of a producer layer, [batch, kv_heads, capacity (ring_capacity), head_dim]."""
         return self.keys[self._row[layer]]
@@ -219,10 +215,12 @@ class SinkWindowCache:
         return sink, window
 
     def smallest_window(self, ring: bool = False) -> int:
+        """The smallest row window (of the sliding-window producers' buffers, with `ring`)."""
         smallest = min(window for _, window in self._sizes[self._first : self._first + self.batch_size])
         return min(smallest, self.ring_window) if ring else smallest
 
     def _row_window(self, ring: bool) -> torch.Tensor:
+        """Each row's window [batch], in the full buffers or in the ring ones."""
         return self.row_window.clamp(max=self.ring_window) if ring else self.row_window
 
     # ---- the policy -----------------------------------------------------------------------------
@@ -257,7 +255,8 @@ class SinkWindowCache:
 
     def kept_in_chunk(self, row: int, start: int, steps: int, ring: bool = False) -> torch.Tensor:
         """Offsets in a chunk of `steps` tokens from stream index `start` that the row keeps: its
-        sinks and the last `window` tokens (the rest would be evicted within the chunk)."""
+        sinks and the last `window` tokens (the rest would be evicted within the chunk); with `ring`,
+        the window of the sliding-window producers' buffers."""
         sink, window = self.row_size(row)
         window = min(window, self.ring_window) if ring else window
         index = torch.arange(start, start + steps, device=self.device)
