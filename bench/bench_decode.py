@@ -31,14 +31,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.cache_utils import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream import lckv_map  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.decoding import EagerDecoder, GraphDecoder  # noqa: E402
-from lckv_stream.default_model import default_layer_types  # noqa: E402
-from lckv_stream.chat import CacheSettings  # noqa: E402
-from lckv_stream.fusion import fuse_projections  # noqa: E402
+from lckv_stream import lckv_map
+from lckv_stream.convert import convert_llama
+from lckv_stream.decoding import EagerDecoder, GraphDecoder
+from lckv_stream.default_model import default_layer_types
+from lckv_stream.chat import CacheSettings
+from lckv_stream.fusion import fuse_projections
 
 LENGTHS = [1024, 8192, 65536, 1 << 20]
 TRAINED_CONTEXT = 8192

@@ -10,15 +10,10 @@ the compiled step the combine fuses with the next kernels). The model step calls
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.decode_kernel import block_slots, decode_attention  # noqa: E402
+from lckv_stream.decode_kernel import block_slots, decode_attention
 
 
 def main() -> None:

@@ -31,10 +31,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.engine import Engine, EngineSettings  # noqa: E402
-from lckv_stream.sampling import SamplingSettings  # noqa: E402
+from lckv_stream.engine import Engine, EngineSettings
+from lckv_stream.sampling import SamplingSettings
 
 VOCAB = 49152
 

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.sampling import SamplingSettings, penalize_repeats, sample_next  # noqa: E402
+from lckv_stream.sampling import SamplingSettings, penalize_repeats, sample_next
 
 VOCAB, HELD = 49152, 1028
 

@@ -7,7 +7,8 @@
 #   speed : the sampler on the GPU, and time to first token with eager prefill (c) against prefill
 #           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
 set -euo pipefail
-export PYTHONUNBUFFERED=1
+# The repository root on the path: the benchmarks import lckv_stream from the checkout.
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 out=${OUT:-bench/results}/gpu_checks
 case "${1:-}" in
   tests)

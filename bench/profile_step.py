@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config, timed_ms
+from transformers import LlamaForCausalLM
 
-from bench_decode import SINK, WINDOW, fill, random_ids, smollm_config, timed_ms  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
-
-from lckv_stream import cla_map, lckv_map  # noqa: E402
-from lckv_stream.default_model import default_layer_types  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.decoding import GraphDecoder  # noqa: E402
-from lckv_stream.fusion import fuse_projections  # noqa: E402
+from lckv_stream import cla_map, lckv_map
+from lckv_stream.default_model import default_layer_types
+from lckv_stream.convert import convert_llama
+from lckv_stream.decoding import GraphDecoder
+from lckv_stream.fusion import fuse_projections
 
 
 @torch.inference_mode()

@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd  # noqa: E402
-from lckv_stream.sampling import SamplingSettings  # noqa: E402
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
+from lckv_stream.sampling import SamplingSettings
 
 MESSAGES = ["Tell me about rivers.", "Why?", "Give an example.", "And then what happened next in the story?",
             "Summarize the last answer in one sentence, please.", "ok"]
@@ -30,8 +27,7 @@ def load(model_source: str, tokenizer_folder: str | None):
     if model_source == "random":
         from transformers import AutoTokenizer
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_decode import smollm_config  # noqa: E402
+        from bench_decode import smollm_config  # its neighbour in bench/
         from transformers import LlamaForCausalLM
 
         from lckv_stream.convert import convert_llama

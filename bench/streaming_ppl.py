@@ -20,15 +20,12 @@ import argparse
 import json
 import lzma
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.loading import load_model  # noqa: E402
+from lckv_stream.loading import load_model
 
 SEGMENT = 4096
 RUNS = {"sinks": (4, 1020), "window": (0, 1024), "dense": (0, 8192), "recompute": (0, 1024)}

@@ -21,6 +21,7 @@ _EXPORTS = {
     "yoco_map": "layer_map",
     "LCKVLlamaForCausalLM": "modeling",
     "LCKVLlamaModel": "modeling",
+    "StreamingCache": "generation",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -39,5 +40,6 @@ def __getattr__(name: str):
 if TYPE_CHECKING:
     from .cache import CacheStats, SinkWindowCache
     from .config import LCKVLlamaConfig
+    from .generation import StreamingCache
     from .layer_map import LayerMap, cla_map, identity_map, lckv_map, yoco_map
     from .modeling import LCKVLlamaForCausalLM, LCKVLlamaModel

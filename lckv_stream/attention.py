@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernel
-from .cache import SinkWindowCache
+from .cache import EMPTY, SinkWindowCache
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -76,16 +76,19 @@ class ForwardContext:
     query_cos: torch.Tensor
     query_sin: torch.Tensor
     sliding_window: int = 0
-    slot: torch.Tensor | None = None  # decode: the ring slot of the new token
+    slot: torch.Tensor | None = None  # decode: the slot of the new token
+    ring_slot: torch.Tensor | None = None  # decode: its slot in the sliding-window producers' buffers
     sink_query_cos: torch.Tensor | None = None  # set when sink columns need re-scoring per query
     sink_query_sin: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     decode_kernel: bool = False  # one-token call through the Triton kernel
     sink_cos: torch.Tensor | None = None  # decode kernel: RoPE of the sink keys' places [batch, sink, dim]
     sink_sin: torch.Tensor | None = None
+    padded: bool = False  # some rows start with padding: masks instead of the fused causal kernel
+    most_padding: int = 0  # the largest row padding (host), for the sink columns to re-score
     produced: dict[int, ProducedKV] = field(default_factory=dict)
-    _masks: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _sink_plan: tuple[torch.Tensor, ...] | None = None
+    _masks: dict[tuple[bool, bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _sink_plans: dict[bool, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -96,16 +99,24 @@ class ForwardContext:
         groups: int,
         sliding_window: int,
         dtype: torch.dtype,
+        padding: list[int] | None = None,
     ) -> "ForwardContext":
+        """`padding`: per row, how many of the T new tokens are left padding (None: none). Padding
+        gets stream index EMPTY: no query sees it, it sees nothing, and it is not cached."""
         batch, steps = input_ids.shape
-        offsets = torch.arange(steps, device=input_ids.device)
-        if cache is None:
-            query_index = offsets.unsqueeze(0)
-            cos, sin = rope(query_index, dtype)
-            return cls(rope, None, steps, groups, dtype, query_index, cos, sin, sliding_window)
-        query_index = cache.seen.unsqueeze(1) + offsets  # [batch, T]
+        offsets = torch.arange(steps, device=input_ids.device).unsqueeze(0)
+        start = cache.seen.unsqueeze(1) if cache is not None else 0
+        if padding is None:
+            query_index = start + offsets  # [batch or 1, T]
+        else:
+            pad = torch.tensor(padding, device=input_ids.device).view(-1, 1)
+            query_index = torch.where(offsets >= pad, start + offsets - pad, EMPTY)
         cos, sin = rope(query_index, dtype)
         context = cls(rope, cache, steps, groups, dtype, query_index, cos, sin, sliding_window)
+        if padding is not None:
+            context.padded, context.most_padding = True, max(padding)
+        if cache is None:
+            return context
         context.shift = cache.shift(query_index)
         if steps == 1 and cache.attention_backend == "triton":
             # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
@@ -114,7 +125,7 @@ class ForwardContext:
         else:
             context._refresh_sink_keys(context.shift[:, -1])
         if steps == 1:
-            context.slot = cache.claim_next_slot(input_ids)
+            context.slot, context.ring_slot = cache.claim_next_slot(input_ids)
         elif cache.sink > 0 and (_capturing(input_ids) or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
             # Re-score sink columns per query when the call overflows the cache; a captured call
             # always does (it is exact either way, and the check would need the host).
@@ -146,7 +157,7 @@ class ForwardContext:
         if cache is None:
             self.produced[layer] = ProducedKV(keys, values)
         elif self.slot is not None:
-            cache.write_token(layer, self.slot, keys, raw_keys, values)
+            cache.write_token(layer, self.ring_slot if cache.on_ring(layer) else self.slot, keys, raw_keys, values)
             self.produced[layer] = ProducedKV(cache.layer_keys(layer), cache.layer_values(layer))
         else:
             self.produced[layer] = ProducedKV(
@@ -166,8 +177,8 @@ class ForwardContext:
             self.produce(layer, zeros, zeros)
         return self.produced[layer]
 
-    def finish(self, token_ids: torch.Tensor) -> None:
-        """Commit the call's new tokens to the cache."""
+    def finish(self, token_ids: torch.Tensor, padding: list[int] | None = None) -> None:
+        """Commit the call's new tokens to the cache (not the rows' left padding)."""
         cache = self.cache
         if cache is None:
             return
@@ -180,6 +191,7 @@ class ForwardContext:
             torch.stack([self.produced[layer].new_raw_keys for layer in layers]).detach(),
             torch.stack([self.produced[layer].new_values for layer in layers]).detach(),
             token_ids,
+            padding,
         )
 
     # ---- attention ----------------------------------------------------------------------------
@@ -189,9 +201,9 @@ class ForwardContext:
         if self.decode_kernel:
             return _unfold_heads(self._kernel_attention(query, kv, source, no_diagonal, sliding), self.groups)
         rotated = apply_rope(query, self.query_cos, self.query_sin)
-        if self.cache is None and not sliding:
+        if self.cache is None and not sliding and not self.padded:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
-        mask, has_key = self._mask(no_diagonal, sliding)
+        mask, has_key = self._mask(no_diagonal, sliding, self.cache is not None and self.cache.on_ring(source))
         folded = _fold_heads(rotated, self.groups)
         if self.slot is not None and torch.compiler.is_compiling():
             out = _decode_attention(folded, kv.keys, kv.values, mask)
@@ -220,26 +232,29 @@ class ForwardContext:
             self.sliding_window if sliding else 0, no_diagonal,
         )
 
-    def _key_index(self) -> torch.Tensor:
+    def _key_index(self, ring: bool = False) -> torch.Tensor:
+        """Stream index of each key column: the cache's slots (the ring's with `ring`), then the new tokens."""
         cache = self.cache
+        cached = cache.ring_index if ring else cache.token_index
         if self.slot is not None:
-            return cache.token_index
-        return torch.cat((cache.token_index, self.query_index), dim=1)
+            return cached
+        return torch.cat((cached, self.query_index), dim=1)
 
-    def _mask(self, no_diagonal: bool, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key."""
-        key = (no_diagonal, sliding)
+    def _mask(self, no_diagonal: bool, sliding: bool, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key;
+        `ring`: over the sliding-window producers' shorter buffers."""
+        key = (no_diagonal, sliding, ring)
         if key not in self._masks:
             q = self.query_index.unsqueeze(2)
             if self.cache is None:
                 k = self.query_index.unsqueeze(1)
                 visible = k >= 0
             else:
-                k = self._key_index().unsqueeze(1)
+                k = self._key_index(ring).unsqueeze(1)
                 visible = self.cache.visible(q, k)
-            visible &= (k < q) if no_diagonal else (k <= q)
+            visible = visible & ((k < q) if no_diagonal else (k <= q))
             if sliding:
-                visible &= k > q - self.sliding_window
+                visible = visible & (k > q - self.sliding_window)
             visible = visible.unsqueeze(1).repeat(1, 1, self.groups, 1)
             self._masks[key] = (visible, visible.any(dim=-1, keepdim=True))
         return self._masks[key]
@@ -249,7 +264,7 @@ class ForwardContext:
     ) -> torch.Tensor:
         """Attention where sink columns are scored in each query's own cache frame."""
         cache = self.cache
-        columns, is_sink, cos, sin = self._sink_columns()
+        columns, is_sink, cos, sin = self._sink_columns(cache.on_ring(source))
         kv = self.produced[source]
         # Sink keys rotated at their own index s (the query is rotated at t - shift(t)).
         cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
@@ -262,21 +277,23 @@ class ForwardContext:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
         return torch.matmul(probs, kv.values)
 
-    def _sink_columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For re-scoring, once per call: the key columns that may hold a sink (the cached sink slots,
-        then the new tokens that are sinks), whether each does [batch, 1, 1, columns], and the RoPE
-        of the sinks at their own index. Built on the device: no host round trip per layer."""
-        if self._sink_plan is None:
+    def _sink_columns(self, ring: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For re-scoring, once per call and buffer length: the key columns that may hold a sink (the
+        cached sink slots, then the new tokens that are sinks), whether each does [batch, 1, 1,
+        columns], and the RoPE of the sinks at their own index. Built on the device: no host round
+        trip per layer."""
+        if ring not in self._sink_plans:
             cache = self.cache
             device = self.query_index.device
-            new_sinks = min(cache.sink, self.steps)
+            capacity = cache.ring_capacity if ring else cache.capacity
+            new_sinks = min(cache.sink + self.most_padding, self.steps)  # a row's sinks follow its padding
             columns = torch.cat((torch.arange(cache.sink, device=device),
-                                 torch.arange(cache.capacity, cache.capacity + new_sinks, device=device)))
-            column_index = self._key_index()[:, columns]
+                                 torch.arange(capacity, capacity + new_sinks, device=device)))
+            column_index = self._key_index(ring)[:, columns]
             is_sink = cache.is_sink(column_index).unsqueeze(1).unsqueeze(1)
             cos, sin = self.rope(torch.arange(cache.sink, device=device).unsqueeze(0), self.dtype)
-            self._sink_plan = (columns, is_sink, cos, sin)
-        return self._sink_plan
+            self._sink_plans[ring] = (columns, is_sink, cos, sin)
+        return self._sink_plans[ring]
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
@@ -286,10 +303,11 @@ def _capturing(tensor: torch.Tensor) -> bool:
 
 def choose_attention_backend(cache: SinkWindowCache) -> str:
     """The attention of one-token steps on this cache, chosen once when a step is built: "triton"
-    (the decode kernel) for a 16-bit cache on CUDA with Triton, unless LCKV_DECODE_KERNEL=0; else
-    "torch". Sets it on the cache and returns it."""
+    (the decode kernel) for a 16-bit cache on CUDA with Triton and no sliding-window ring, unless
+    LCKV_DECODE_KERNEL=0; else "torch". Sets it on the cache and returns it."""
+    # The kernel reads one slot layout; producers on a sliding-window ring have another.
     kernel = (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
-              and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
+              and not cache.ring_layers and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
     cache.attention_backend = "triton" if kernel else "torch"
     return cache.attention_backend
 

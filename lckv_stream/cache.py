@@ -12,6 +12,11 @@ distance between query and key, which eviction never changes for them. Sink keys
 un-rotated, because their distance to the query shrinks as the cache shifts; the model re-rotates
 those few before each call.
 
+A producer layer read only by sliding-window (`s`) layers needs no more than `sliding_window` recent
+tokens: when that is less than the window, its buffers are shorter (its "ring": the same sink slots,
+then a ring of min(sliding_window, row window) slots, with its own stream index per slot). It follows
+the same policy with the shorter window; the other producers hold the full window.
+
 `SinkWindowCache` is also the eviction policy: which slot a stream index takes (`slot_of`), how far
 each row's frame has shifted (`shift`), which keys a query may see (`visible`) and which tokens of a
 long chunk survive (`kept_in_chunk`). Attention code and the decode kernel consume those answers; a
@@ -42,6 +47,8 @@ class CacheStats:
     total_layers: int
     sink: int  # the row's own sizes
     window: int
+    sliding_kv_layers: int = 0  # KV layers read only by sliding-window layers, which keep fewer tokens
+    sliding_tokens_held: int = 0  # tokens those layers hold (at most sink + sliding_window)
 
     @property
     def allocated_mb(self) -> float:
@@ -76,7 +83,11 @@ class SinkWindowCache:
         batch_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        sliding_producers: Sequence[int] = (),
+        sliding_window: int = 0,
     ) -> None:
+        """`sliding_producers`: producers read only by sliding-window layers; they keep
+        min(sliding_window, window) recent tokens when that is shorter than the window."""
         validate_cache_size(sink, window)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -86,14 +97,22 @@ class SinkWindowCache:
         self.window = int(window)
         self.capacity = self.sink + self.window
         self.batch_size = batch_size
+        shorter = 0 < sliding_window < self.window
+        self.ring_layers = tuple(layer for layer in self.producers if layer in sliding_producers) if shorter else ()
+        self.ring_window = int(sliding_window) if self.ring_layers else 0
+        self.ring_capacity = self.sink + self.ring_window
         # One buffer per producer layer: a compiled decode step then writes each in place; slices of
         # one stacked buffer would make it copy the whole stack at every write.
-        shape = (batch_size, num_kv_heads, self.capacity, head_dim)
+        shapes = [(batch_size, num_kv_heads, self.ring_capacity if layer in self.ring_layers else self.capacity, head_dim)
+                  for layer in self.producers]
         sink_shape = (batch_size, num_kv_heads, self.sink, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.producers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.producers]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.sink_keys = [torch.zeros(sink_shape, dtype=dtype, device=device) for _ in self.producers]
         self.token_index = torch.full((batch_size, self.capacity), EMPTY, dtype=torch.long, device=device)
+        # Stream index of each ring slot (no slots when no producer is on the ring).
+        self.ring_index = torch.full((batch_size, self.ring_capacity if self.ring_layers else 0), EMPTY,
+                                     dtype=torch.long, device=device)
         self.token_ids = torch.zeros((batch_size, self.capacity), dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_sink = torch.full((batch_size,), self.sink, dtype=torch.long, device=device)
@@ -125,6 +144,8 @@ class SinkWindowCache:
     ) -> "SinkWindowCache":
         """A cache shaped for `config` (an LCKVLlamaConfig)."""
         return cls(
+            sliding_producers=config.layer_map.sliding_only_producers,
+            sliding_window=config.sliding_window,
             producers=config.layer_map.producers,
             num_layers=config.num_hidden_layers,
             num_kv_heads=config.num_key_value_heads,
@@ -150,6 +171,20 @@ class SinkWindowCache:
         view._batch_rows = torch.arange(stop - start, device=self.device).view(-1, 1)
         return view
 
+    def gathered(self, index: torch.Tensor) -> "SinkWindowCache":
+        """A new cache whose row i is a copy of row index[i] (beam search reorders rows this way)."""
+        picked = object.__new__(type(self))
+        picked.__dict__.update(self.__dict__)
+        for name in _PER_ROW:
+            value = getattr(self, name)
+            setattr(picked, name, [v.index_select(0, index) for v in value] if isinstance(value, list)
+                    else value.index_select(0, index))
+        picked.batch_size = index.numel()
+        picked._sizes = [list(self._sizes[self._first + i]) for i in index.tolist()]
+        picked._first = 0
+        picked._batch_rows = torch.arange(picked.batch_size, device=self.device).view(-1, 1)
+        return picked
+
     # ---- layout -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -163,8 +198,12 @@ class SinkWindowCache:
         """Index of a producer layer in the per-layer buffer lists."""
         return self._row[layer]
 
+    def on_ring(self, layer: int) -> bool:
+        """Whether a producer layer keeps only the sliding window (its buffers are ring_capacity long)."""
+        return layer in self.ring_layers
+
     def layer_keys(self, layer: int) -> torch.Tensor:
-        """Rotated keys of a producer layer, [batch, kv_heads, capacity, head_dim]."""
+        """Rotated keys of a producer layer, [batch, kv_heads, capacity (ring_capacity), head_dim]."""
         return self.keys[self._row[layer]]
 
     def layer_values(self, layer: int) -> torch.Tensor:
@@ -175,17 +214,24 @@ class SinkWindowCache:
         sink, window = self._sizes[self._first + row]
         return sink, window
 
-    def smallest_window(self) -> int:
-        return min(window for _, window in self._sizes[self._first : self._first + self.batch_size])
+    def smallest_window(self, ring: bool = False) -> int:
+        """The smallest row window (of the sliding-window producers' buffers, with `ring`)."""
+        smallest = min(window for _, window in self._sizes[self._first : self._first + self.batch_size])
+        return min(smallest, self.ring_window) if ring else smallest
+
+    def _row_window(self, ring: bool) -> torch.Tensor:
+        """Each row's window [batch], in the full buffers or in the ring ones."""
+        return self.row_window.clamp(max=self.ring_window) if ring else self.row_window
 
     # ---- the policy -----------------------------------------------------------------------------
     def _per_row(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Row values [batch] shaped to broadcast against `like` [batch, ...]."""
         return values.view((-1,) + (1,) * (like.dim() - 1))
 
-    def slot_of(self, index: torch.Tensor) -> torch.Tensor:
-        """Slot of each stream index, [batch, ...] (each row with its own sizes)."""
-        sink, window = self._per_row(self.row_sink, index), self._per_row(self.row_window, index)
+    def slot_of(self, index: torch.Tensor, ring: bool = False) -> torch.Tensor:
+        """Slot of each stream index, [batch, ...] (each row with its own sizes), in the full buffers
+        or (`ring`) in the sliding-window producers' shorter ones."""
+        sink, window = self._per_row(self.row_sink, index), self._per_row(self._row_window(ring), index)
         ring = self.sink + torch.remainder(index - sink, window)
         return torch.where(index < sink, index, ring)
 
@@ -207,26 +253,34 @@ class SinkWindowCache:
         """Whether each stream index [batch, ...] is one of its row's sinks."""
         return (index >= 0) & (index < self._per_row(self.row_sink, index))
 
-    def kept_in_chunk(self, row: int, start: int, steps: int) -> torch.Tensor:
+    def kept_in_chunk(self, row: int, start: int, steps: int, ring: bool = False) -> torch.Tensor:
         """Offsets in a chunk of `steps` tokens from stream index `start` that the row keeps: its
-        sinks and the last `window` tokens (the rest would be evicted within the chunk)."""
+        sinks and the last `window` tokens (the rest would be evicted within the chunk); with `ring`,
+        the window of the sliding-window producers' buffers."""
         sink, window = self.row_size(row)
+        window = min(window, self.ring_window) if ring else window
         index = torch.arange(start, start + steps, device=self.device)
         return ((index < sink) | (index >= start + steps - window)).nonzero().squeeze(1)
 
     # ---- writing: one token (decode) -----------------------------------------------------------
-    def claim_next_slot(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def claim_next_slot(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mark the slot of the next token in active rows (evicting its previous holder); returns
-        slots [batch].
+        slots [batch] in the full buffers and in the ring ones (None without a ring).
 
         Runs on the device alone (no host sync), so a decode step can live in a CUDA graph.
         """
         slot = self.slot_of(self.seen)
         rows = slot.view(-1, 1)
         active = self.active.view(-1, 1)
-        self.token_index.scatter_(1, rows, torch.where(active, self.seen.view(-1, 1), self.token_index.gather(1, rows)))
+        seen = self.seen.view(-1, 1)
+        self.token_index.scatter_(1, rows, torch.where(active, seen, self.token_index.gather(1, rows)))
         self.token_ids.scatter_(1, rows, torch.where(active, token_ids.view(-1, 1), self.token_ids.gather(1, rows)))
-        return slot
+        if not self.ring_layers:
+            return slot, None
+        ring_slot = self.slot_of(self.seen, ring=True)
+        ring_rows = ring_slot.view(-1, 1)
+        self.ring_index.scatter_(1, ring_rows, torch.where(active, seen, self.ring_index.gather(1, ring_rows)))
+        return slot, ring_slot
 
     def write_token(self, layer: int, slot: torch.Tensor, keys: torch.Tensor, raw_keys: torch.Tensor,
                     values: torch.Tensor) -> None:
@@ -256,29 +310,36 @@ class SinkWindowCache:
 
     # ---- writing: many tokens (prefill) ---------------------------------------------------------
     def write_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
-                    token_ids: torch.Tensor) -> None:
+                    token_ids: torch.Tensor, padding: list[int] | None = None) -> None:
         """Append T tokens to every row for every producer: [producers, batch, kv_heads, T, dim];
-        token_ids [batch, T]."""
+        token_ids [batch, T]. `padding`: per row, how many of the T are left padding, not stored."""
         steps = token_ids.shape[1]
-        if steps <= self.smallest_window():
+        if padding is None and steps <= self.smallest_window(ring=bool(self.ring_layers)):
             self._write_short_chunk(keys, raw_keys, values, token_ids)
             return
+        padding = padding or [0] * self.batch_size
         for row, start in enumerate(self.seen.tolist()):
-            # Only the sinks and the last `window` tokens of the chunk survive; skip the rest so that no
-            # slot is written twice.
-            offsets = self.kept_in_chunk(row, start, steps)
-            kept = offsets + start
-            slots = self.rows(row, row + 1).slot_of(kept.view(1, -1)).view(-1)
-            sinks = kept < self.row_size(row)[0]
-            has_sinks = bool(sinks.any())
-            for layer in range(len(self.producers)):
-                self.keys[layer][row, :, slots] = keys[layer, row, :, offsets]
-                self.values[layer][row, :, slots] = values[layer, row, :, offsets]
-                if has_sinks:
-                    self.sink_keys[layer][row, :, kept[sinks]] = raw_keys[layer, row, :, offsets[sinks]]
-            self.token_index[row, slots] = kept
-            self.token_ids[row, slots] = token_ids[row, offsets]
-        self.seen += steps
+            for ring in (False, True) if self.ring_layers else (False,):
+                layers = [i for i, layer in enumerate(self.producers) if (layer in self.ring_layers) == ring]
+                # Only the sinks and the last `window` tokens of the chunk survive; skip the rest so
+                # that no slot is written twice.
+                kept = self.kept_in_chunk(row, start, steps - padding[row], ring)
+                offsets = kept + padding[row]  # where they are in the chunk
+                kept = kept + start
+                slots = self.rows(row, row + 1).slot_of(kept.view(1, -1), ring).view(-1)
+                sinks = kept < self.row_size(row)[0]
+                has_sinks = bool(sinks.any())
+                for layer in layers:
+                    self.keys[layer][row, :, slots] = keys[layer, row, :, offsets]
+                    self.values[layer][row, :, slots] = values[layer, row, :, offsets]
+                    if has_sinks:
+                        self.sink_keys[layer][row, :, kept[sinks]] = raw_keys[layer, row, :, offsets[sinks]]
+                if ring:
+                    self.ring_index[row, slots] = kept
+                else:
+                    self.token_index[row, slots] = kept
+                    self.token_ids[row, slots] = token_ids[row, offsets]
+        self.seen += steps - torch.tensor(padding, device=self.device)
 
     def _write_short_chunk(self, keys: torch.Tensor, raw_keys: torch.Tensor, values: torch.Tensor,
                            token_ids: torch.Tensor) -> None:
@@ -287,8 +348,10 @@ class SinkWindowCache:
         steps = token_ids.shape[1]
         index = self.seen.view(-1, 1) + torch.arange(steps, device=self.device)  # [batch, T]
         slots = self.slot_of(index)
-        at = (self._batch_rows.view(-1, 1, 1), self._heads.view(1, -1, 1), slots.unsqueeze(1))  # [b, h, T]
-        for layer in range(len(self.producers)):
+        ring_slots = self.slot_of(index, ring=True) if self.ring_layers else slots
+        for layer, producer in enumerate(self.producers):
+            where = ring_slots if producer in self.ring_layers else slots
+            at = (self._batch_rows.view(-1, 1, 1), self._heads.view(1, -1, 1), where.unsqueeze(1))  # [b, h, T]
             self.keys[layer].index_put_(at, keys[layer])
             self.values[layer].index_put_(at, values[layer])
         if self.sink:
@@ -302,13 +365,15 @@ class SinkWindowCache:
                 sink_keys.copy_(torch.where(holds, raw_keys[layer].gather(2, pick), sink_keys))
         self.token_index.scatter_(1, slots, index)
         self.token_ids.scatter_(1, slots, token_ids)
+        if self.ring_layers:
+            self.ring_index.scatter_(1, ring_slots, index)
         self.seen += steps
 
     # ---- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything, keeping the buffers and the row sizes."""
         for name, buffer in self._state():
-            buffer.fill_(EMPTY if name == "token_index" else 0)
+            buffer.fill_(EMPTY if name in ("token_index", "ring_index") else 0)
 
     def set_row_size(self, row: int, sink: int, window: int) -> None:
         """Give a row its own sink and window (at most the buffers' shape) and empty it."""
@@ -380,6 +445,11 @@ class SinkWindowCache:
         return len(self.keys) * 2 * h * d * self.keys[0].element_size()
 
     @property
+    def ring_bytes_per_token(self) -> int:
+        """The share of `bytes_per_token` of the producers on the ring (kept for the sliding window only)."""
+        return self.bytes_per_token // len(self.producers) * len(self.ring_layers)
+
+    @property
     def dense_bytes_per_token(self) -> int:
         """What one token would cost in a dense Llama cache of the same model (every layer)."""
         return self.bytes_per_token // len(self.producers) * self.num_layers
@@ -413,20 +483,24 @@ def row_stats(cache: SinkWindowCache, row: int, seen: int) -> CacheStats:
     """Stats of `row` given how many tokens it has seen (known on the host: no device read)."""
     sink, window = cache.row_size(row)
     held = min(seen, sink + window)
+    ring_held = min(seen, sink + min(window, cache.ring_window)) if cache.ring_layers else 0
+    ring_bytes = cache.ring_bytes_per_token
     return CacheStats(
         tokens_held=held,
         tokens_seen=seen,
         allocated_bytes=cache.row_bytes,
-        used_bytes=held * cache.bytes_per_token,
+        used_bytes=held * (cache.bytes_per_token - ring_bytes) + ring_held * ring_bytes,
         dense_bytes=seen * cache.dense_bytes_per_token,
         kv_layers=len(cache.producers),
         total_layers=cache.num_layers,
         sink=sink,
         window=window,
+        sliding_kv_layers=len(cache.ring_layers),
+        sliding_tokens_held=ring_held,
     )
 
 
-_STATE = ("keys", "values", "sink_keys", "token_index", "token_ids", "seen")
+_STATE = ("keys", "values", "sink_keys", "token_index", "ring_index", "token_ids", "seen")
 _SIZES = ("row_sink", "row_window")
 _PER_ROW = _STATE + _SIZES + ("active",)
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m lckv_stream chat|fetch-base|convert`.
+"""Command line: `lckv-stream chat|fetch-base|convert` (or `python -m lckv_stream ...`).
 
 The arguments are checked before torch and transformers load (seconds), so a bad flag or value is
 refused at once; settings take the same ranges as the web page (`limits.py`).
@@ -256,7 +256,7 @@ def setting(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command and flag; settings take their defaults and ranges from limits.py."""
-    parser = argparse.ArgumentParser(prog="python -m lckv_stream", description="LCKV + StreamingLLM chat")
+    parser = argparse.ArgumentParser(prog="lckv-stream", description="LCKV + StreamingLLM chat (also `python -m lckv_stream`)")
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="chat in the terminal")
     chat.add_argument("--model", default="default", help="'default', a folder, a .gguf file or a Hub id")

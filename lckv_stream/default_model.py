@@ -12,7 +12,17 @@ from .config import LCKVLlamaConfig
 from .convert import convert_llama
 from .delta import apply_delta
 
-DEFAULT_DELTA = Path(__file__).resolve().parent.parent / "assets" / "smollm2-135m-kv21"
+
+
+def _default_delta() -> Path:
+    """The shipped model's folder: assets/smollm2-135m-kv21 in a source checkout (or an editable
+    install); an installed package carries a copy as its package data, default_model_files/."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "assets" / "smollm2-135m-kv21"
+    return checkout if (checkout / "config.json").is_file() else here / "default_model_files"
+
+
+DEFAULT_DELTA = _default_delta()
 
 
 def default_layer_types(delta: Path = DEFAULT_DELTA) -> str:

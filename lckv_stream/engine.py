@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batch_class, bucket_shape
-from .cache import CacheStats, row_stats
+from .cache import CacheStats, SinkWindowCache, row_stats
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -213,6 +213,7 @@ class Engine:
         if self.settings.compile:
             _persistent_compile_cache()
         self._buckets: dict[tuple[int, int], Bucket] = {}
+        self._layouts: dict[tuple[int, int], SinkWindowCache] = {}  # per bucket shape, on the meta device
         self._rows: weakref.WeakSet[Row] = weakref.WeakSet()
         self._host_bytes = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -308,7 +309,14 @@ class Engine:
 
     def row_stats(self, row: Row) -> CacheStats:
         """The row's cache numbers, from the host's knowledge alone (no device work, any thread)."""
-        return row_stats(_RowAccounting(self.model, row), 0, row.seen)
+        return row_stats(_RowAccounting(self._layout(bucket_shape(row.sink, row.window)), row), 0, row.seen)
+
+    def _layout(self, shape: tuple[int, int]) -> SinkWindowCache:
+        """A cache of this bucket shape on the meta device (nothing allocated): what its rows hold and cost."""
+        layout = self._layouts.get(shape)
+        if layout is None:
+            layout = self._layouts[shape] = self.model.new_cache(*shape, device="meta")
+        return layout
 
     def decoder_name(self, row: Row) -> str:
         """The step that serves the row now (its batch size class while it generates)."""
@@ -421,7 +429,7 @@ class Engine:
     def _bucket(self, shape: tuple[int, int]) -> Bucket:
         if shape not in self._buckets:
             sink, window = shape
-            fit = int(self.settings.bucket_mb * MB // _row_bytes(self.model, sink, window))
+            fit = int(self.settings.bucket_mb * MB // self._layout(shape).row_bytes)
             rows = 1
             while rows * 2 <= min(fit, self.settings.max_batch):
                 rows *= 2
@@ -713,30 +721,15 @@ def _persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
-def _row_bytes(model, sink: int, window: int) -> int:
-    """Bytes of one row of a bucket of this shape (what `SinkWindowCache.row_bytes` gives), from the
-    model's config and dtype, without allocating it."""
-    config = model.config
-    producers = len(config.layer_map.producers)
-    element = torch.empty((), dtype=model.dtype).element_size()
-    capacity = sink + window
-    kv = 2 * producers * config.num_key_value_heads * capacity * config.head_dim * element
-    sinks = producers * config.num_key_value_heads * sink * config.head_dim * element
-    return kv + sinks + 2 * capacity * 8 + 8  # + token_index, token_ids, seen
-
-
 class _RowAccounting:
-    """What `row_stats` reads, for one row (its own sizes inside its bucket's shape)."""
+    """What `row_stats` reads, for one row: its bucket's layout with the row's own sizes."""
 
-    def __init__(self, model, row: Row) -> None:
-        config = model.config
-        element = torch.empty((), dtype=model.dtype).element_size()
-        self.producers = config.layer_map.producers
-        self.num_layers = config.num_hidden_layers
-        self.bytes_per_token = len(self.producers) * 2 * config.num_key_value_heads * config.head_dim * element
-        self.dense_bytes_per_token = self.bytes_per_token // len(self.producers) * self.num_layers
-        self.row_bytes = _row_bytes(model, *bucket_shape(row.sink, row.window))
+    def __init__(self, layout: SinkWindowCache, row: Row) -> None:
+        self._layout = layout
         self._size = (row.sink, row.window)
+
+    def __getattr__(self, name: str):
+        return getattr(self._layout, name)
 
     def row_size(self, row: int = 0) -> tuple[int, int]:
         return self._size

@@ -57,6 +57,13 @@ class LayerMap:
         """Layers that compute and cache KV (every layer some layer reads), in ascending order."""
         return tuple(sorted(set(self.sources)))
 
+    @property
+    def sliding_only_producers(self) -> tuple[int, ...]:
+        """Producers whose every reader is a sliding-window layer: their KV is needed for
+        `sliding_window` recent tokens only."""
+        return tuple(p for p in self.producers
+                     if all(self.sliding[i] for i, source in enumerate(self.sources) if source == p))
+
     def computes_kv(self, layer: int) -> bool:
         return layer in set(self.sources)
 
@@ -86,6 +93,13 @@ class LayerMap:
                 groups.append((start, stop, False))
                 start = stop
         return groups
+
+
+def iteration_plan(forward_passes: int, backward_passes: int) -> tuple[bool, ...]:
+    """Whether each iteration of a cyclic group carries gradients, as the official code plans them:
+    `forward_passes` (m) iterations without, then `backward_passes` (b) with, m + b in all. Its last
+    iteration always carries them, so b = 0 runs like b = 1 (m + 1 iterations)."""
+    return (False,) * forward_passes + (True,) * max(backward_passes, 1)
 
 
 def identity_map(num_layers: int) -> str:

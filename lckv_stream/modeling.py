@@ -1,13 +1,15 @@
 """The LCKV causal LM: one Llama-shaped model for LCKV, CLA, YOCO and plain Llama layer maps.
 
 Three ways to run it, all through `forward`:
-- parallel (default): the T new tokens of every layer at once; layers that read a KV from above are
-  iterated `forward_passes` times, each iteration using the KVs of the previous one (zeros at first),
-  with gradients through the last `backward_passes` only. One token (decode) needs one pass: exact.
-- sequential: one token at a time through the cache, exact (`use_sequential` or `sequential=True`).
-- with a `SinkWindowCache` as `past_key_values`: new tokens attend to the cached tokens and are
-  appended to the cache afterwards (StreamingLLM eviction and positions).
-"""
+- parallel (default): the T new tokens of every layer at once; each group of layers with a cyclic
+  dependency (some read a KV from above) is iterated as the official code does: `forward_passes` (m)
+  times without gradients, then `backward_passes` (b) times with them, each iteration using the KVs
+  of the previous one (zeros at first). One token (decode) needs one pass: exact.
+- sequential: one token at a time through the cache, exact (`use_sequential`, `sequential=True`, and
+  prompts of at most m + b tokens when the map reads from above).
+- with a `SinkWindowCache` (or a `StreamingCache` from `generate`) as `cache`: new tokens attend to the
+  cached tokens and are appended to the cache afterwards (StreamingLLM eviction and positions).
+Rows may start with left padding (`attention_mask`): it is neither seen nor cached."""
 
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from .attention import ForwardContext, Rope
 from .cache import SinkWindowCache
 from .config import LCKVLlamaConfig
+from .generation import OUTPUT_CACHE_FIELD, LCKVGenerationMixin, StreamingCache
+from .layer_map import iteration_plan
 
 # Newer transformers name the output's cache `cache` and warn on the old `past_key_values`: pass
 # whichever this version declares.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class LCKVLlamaAttention(nn.Module):
@@ -129,8 +132,10 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
         cache: SinkWindowCache | None = None,
         forward_passes: int | None = None,
         backward_passes: int | None = None,
+        padding: list[int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states of the new tokens; appends them to `cache` when one is given."""
+        """Hidden states of the new tokens; appends them to `cache` when one is given. `padding`: per
+        row, how many of the new tokens are left padding (not seen, not cached)."""
         config = self.config
         steps = input_ids.shape[1]
         hidden = self.embed_tokens(input_ids)
@@ -138,27 +143,27 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
         context = ForwardContext.build(
             rope, cache, input_ids,
             groups=config.num_attention_heads // config.num_key_value_heads,
-            sliding_window=config.sliding_window, dtype=hidden.dtype,
+            sliding_window=config.sliding_window, dtype=hidden.dtype, padding=padding,
         )
-        passes = forward_passes or config.forward_passes
-        grad_passes = config.backward_passes if backward_passes is None else backward_passes
+        plan = iteration_plan(
+            config.forward_passes if forward_passes is None else forward_passes,
+            config.backward_passes if backward_passes is None else backward_passes,
+        )
         for start, stop, cyclic in self.groups:
             layers = self.layers[start:stop]
             # One new token has no unknown KV above it (its own is masked): one pass is exact.
-            iterations = passes if cyclic and steps > 1 else 1
-            last_without_grad = iterations - grad_passes if cyclic else 0
+            passes = plan if cyclic and steps > 1 else (True,)
             group_input = hidden
-            for iteration in range(iterations):
-                with_grad = torch.is_grad_enabled() and iteration >= last_without_grad
-                with torch.set_grad_enabled(with_grad):
+            for with_grad in passes:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad):
                     hidden = group_input
                     for layer in layers:
                         hidden = layer(hidden, context)
-        context.finish(input_ids)
+        context.finish(input_ids, padding)
         return self.norm(hidden)
 
 
-class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel):
+class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, LCKVGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LCKVLlamaConfig) -> None:
@@ -178,7 +183,7 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: SinkWindowCache | None = None,
+        cache: SinkWindowCache | StreamingCache | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         sequential: bool | None = None,
@@ -189,18 +194,41 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel):
     ) -> CausalLMOutputWithPast:
         """Logits for the new tokens (the last `logits_to_keep` if > 0) and the loss if labels are given.
 
-        past_key_values: a `SinkWindowCache` to attend to and append to (None: no cache).
-        sequential: encode token by token (default: config.use_sequential).
+        cache: a `SinkWindowCache` (or a `StreamingCache` holding one) to attend to and append to;
+            None: no cache. `past_key_values=` is taken too (transformers' older name).
+        sequential: True encodes token by token, False in parallel; None as the official code does:
+            token by token when config.use_sequential, or when the map reads from above and there are
+            at most forward_passes + backward_passes new tokens.
+        forward_passes, backward_passes: this call's m and b (default: the config's).
+        attention_mask: [batch, past + new] or [batch, new]; each row's new tokens may start with
+            padding (zeros), which is neither attended to nor cached: each row is encoded as alone.
+            Positions come from the cache (StreamingLLM places), so `position_ids` are not read.
         """
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding is not supported: pass sequences of equal length without padding")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
-        sequential = self.config.use_sequential if sequential is None else sequential
-        if sequential and input_ids.shape[1] > 1:
-            hidden = self._sequential(input_ids, past_key_values)
+        streaming = cache if isinstance(cache, StreamingCache) else None
+        if streaming is not None:
+            cache = streaming.bind(self, input_ids.shape[0])
+        elif cache is not None and not isinstance(cache, SinkWindowCache):
+            raise TypeError(f"cache must be a SinkWindowCache or a StreamingCache, got {type(cache).__name__}")
+        steps = input_ids.shape[1]
+        padding = left_padding(attention_mask, steps)
+        config = self.config
+        if sequential is None:
+            m = config.forward_passes if forward_passes is None else forward_passes
+            b = config.backward_passes if backward_passes is None else backward_passes
+            reads_above = any(cyclic for _, _, cyclic in self.model.groups)
+            sequential = config.use_sequential or (reads_above and steps <= m + b)
+        if (sequential or steps == 1) and padding is not None:
+            hidden = self._sequential(input_ids, cache, attention_mask[:, -steps:].bool())
+        elif sequential and steps > 1:
+            hidden = self._sequential(input_ids, cache)
         else:
-            hidden = self.model(input_ids, past_key_values, forward_passes, backward_passes)
+            hidden = self.model(input_ids, cache, forward_passes, backward_passes, padding)
+        if streaming is not None:
+            streaming.positions += steps
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -209,15 +237,46 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values})
+        returned = streaming if streaming is not None else cache
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: returned})
 
-    def _sequential(self, input_ids: torch.LongTensor, cache: SinkWindowCache | None) -> torch.Tensor:
-        """Exact token-by-token encoding; without a cache, a temporary one that holds everything."""
+    def _sequential(
+        self, input_ids: torch.LongTensor, cache: SinkWindowCache | None, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Exact token-by-token encoding; without a cache, a temporary one that holds everything.
+        `real` [batch, T]: False where a token is padding (that row skips the step: nothing cached)."""
         batch, steps = input_ids.shape
         if cache is None:
             cache = self.new_cache(sink=0, window=steps, batch_size=batch, device=input_ids.device)
-        outputs = [self.model(input_ids[:, i : i + 1], cache) for i in range(steps)]
+        if real is None:
+            return torch.cat([self.model(input_ids[:, i : i + 1], cache) for i in range(steps)], dim=1)
+        active = cache.active.clone()
+        outputs = []
+        try:
+            for i in range(steps):
+                cache.active.copy_(active & real[:, i])
+                outputs.append(self.model(input_ids[:, i : i + 1], cache))
+        finally:
+            cache.active.copy_(active)
         return torch.cat(outputs, dim=1)
+
+
+def left_padding(attention_mask: torch.Tensor | None, steps: int) -> list[int] | None:
+    """Per row, how many of the `steps` new tokens are left padding (None: no padding at all).
+
+    Reads the mask on the host: padding needs per-row bookkeeping, and the engine's hot path never
+    passes a mask. Refuses padding that is not on the left of the new tokens."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < steps:
+        raise ValueError(f"attention_mask must be [batch, past + new tokens], got {tuple(attention_mask.shape)}")
+    new = attention_mask[:, -steps:].to(torch.long)
+    padding = (new == 0).sum(dim=1)
+    expected = (torch.arange(steps, device=new.device) >= padding.unsqueeze(1)).long()
+    if not torch.equal(new, expected):
+        raise ValueError("attention_mask: only left padding is supported (zeros before each row's tokens, ones after)")
+    padding = padding.tolist()
+    return padding if any(padding) else None
 
 
 def register_auto_classes() -> None:

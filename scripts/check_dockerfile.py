@@ -1,6 +1,6 @@
 """Replay the Dockerfile without Docker, then check that the app it builds answers offline on its port.
 
-    python scripts/check_dockerfile.py [--dockerfile Dockerfile] [--keep]
+    python -m scripts.check_dockerfile [--dockerfile Dockerfile] [--keep]    (from the repository root)
 
 The build context is a copy of the repository's tracked files in a temp dir; container paths (literal
 absolute paths in ENV/WORKDIR/COPY) live under <tmp>/root. FROM picks this machine's Python (same
@@ -29,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.served_app import free_port, stop_process, wait_until_up
 
-from served_app import free_port, stop_process, wait_until_up  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SKIPPED_PROGRAMS = ("useradd",)  # creating users needs root and changes the machine
 PASSED_THROUGH = re.compile(r"^(PIP_.*|SSL_CERT_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|LANG)$")

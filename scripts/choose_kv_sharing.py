@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from lckv_stream import LayerMap  # noqa: E402
-from lckv_stream.base_model import load_base  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from train_distill import SELECTION_WINDOWS, heldout_perplexity  # noqa: E402
+from lckv_stream import LayerMap
+from lckv_stream.base_model import load_base
+from lckv_stream.convert import convert_llama
+from train_distill import SELECTION_WINDOWS, heldout_perplexity  # its neighbour in scripts/
 
 
 def unshare(layer_types: str, layers: set[int]) -> str:

@@ -6,17 +6,12 @@ as a Markdown table for the model card.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream import identity_map  # noqa: E402
-from lckv_stream.base_model import load_base  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.default_model import load_default_model  # noqa: E402
-from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd  # noqa: E402
-from lckv_stream.sampling import SamplingSettings  # noqa: E402
+from lckv_stream import identity_map
+from lckv_stream.base_model import load_base
+from lckv_stream.convert import convert_llama
+from lckv_stream.default_model import load_default_model
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
+from lckv_stream.sampling import SamplingSettings
 
 PROMPTS = [
     "What is the capital of France?",

@@ -12,7 +12,8 @@
 #             the selection windows (2 points of margin for the 10% bound on held-out text)
 set -euo pipefail
 WORK=/tmp/lckv
-export LCKV_STREAM_CACHE=$WORK/cache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# The repository root on the path: the scripts import lckv_stream from the checkout (nothing is installed there).
+export LCKV_STREAM_CACHE=$WORK/cache PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$WORK/cache" "$WORK/text" "$WORK/data"
 stage=$1; shift
 case "$stage" in

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -31,15 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from chat_seeds import DialoguePlan, plan_dialogue  # noqa: E402
-from genre_sources import read_xz_docs  # noqa: E402
-from lckv_stream import identity_map  # noqa: E402
-from lckv_stream.base_model import load_base  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.sampling import SamplingSettings, sample_next  # noqa: E402
+from chat_seeds import DialoguePlan, plan_dialogue
+from genre_sources import read_xz_docs
+from lckv_stream import identity_map
+from lckv_stream.base_model import load_base
+from lckv_stream.convert import convert_llama
+from lckv_stream.sampling import SamplingSettings, sample_next
 
 SETTINGS = SamplingSettings(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.1)  # per-row T applied first
 FALLBACK_OPENINGS = ["It was late in the evening when", "The most important thing to know about", "Dear friend,",

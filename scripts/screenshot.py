@@ -1,6 +1,6 @@
 """Screenshot of the app (default model, CPU) after a few turns, for the README: assets/screenshot.png.
 
-    python scripts/screenshot.py [--out assets/screenshot.png] [--model default]
+    python -m scripts.screenshot [--out assets/screenshot.png] [--model default]    (from the repository root)
 
 Starts `python app.py`, chats in headless Debian Chromium (Playwright, no browser download), saves the page.
 """
@@ -12,10 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.served_app import CHROMIUM, CHROMIUM_FLAGS, serve_subprocess
 
-from served_app import CHROMIUM, CHROMIUM_FLAGS, serve_subprocess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MESSAGES = ("Hi! What is a good name for a goldfish?", "Why is the sky blue? One sentence, please.")
 

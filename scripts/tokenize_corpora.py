@@ -19,14 +19,11 @@ import argparse
 import json
 import lzma
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream.base_model import load_base  # noqa: E402
+from lckv_stream.base_model import load_base
 
 DOC_SEPARATOR = "<|doc|>"
 CHAT_SHARE = 0.35

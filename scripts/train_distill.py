@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lckv_stream import LayerMap, lckv_map  # noqa: E402
-from lckv_stream.base_model import GGUF_NAME, GGUF_SHA256, load_base  # noqa: E402
-from lckv_stream.convert import convert_llama  # noqa: E402
-from lckv_stream.delta import read_delta, save_delta  # noqa: E402
+from lckv_stream import LayerMap, lckv_map
+from lckv_stream.base_model import GGUF_NAME, GGUF_SHA256, load_base
+from lckv_stream.convert import convert_llama
+from lckv_stream.delta import read_delta, save_delta
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Held-out windows (first, count) for choosing between maps, apart from the evaluation's (0-63).

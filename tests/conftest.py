@@ -5,9 +5,11 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-# The repository root (app.py, app_support/) and this folder (served_app.py) import as top-level modules,
-# with `pytest` as with `python -m pytest`.
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+# app.py and app_support/ are not part of the installed package: the repository root is put on the path,
+# with `pytest` as with `python -m pytest` (which also lets tests import bench/ and scripts/ modules);
+# lckv_stream imports from there too when the package is not installed. This folder (reference.py,
+# served_app.py) is on the path through pytest itself.
+sys.path.insert(0, str(TESTS.parent))
 
 from app_support.tiny import tiny_tokenizer  # noqa: E402
 

@@ -58,8 +58,7 @@ class Served(NamedTuple):
 @contextmanager
 def serve_in_process(**config) -> Iterator[Served]:
     """app.py built with AppConfig(**config), served on a free local port."""
-    sys.path.insert(0, str(ROOT))
-    import app as app_module
+    import app as app_module  # the repository root is on the path (tests/conftest.py, or `python -m`)
 
     chat_app, demo = app_module.create_app(app_module.AppConfig(**config))
     port = free_port()

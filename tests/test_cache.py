@@ -5,7 +5,8 @@ from app_support.tiny import tiny_model
 from lckv_stream import SinkWindowCache, cla_map, lckv_map
 from reference import streaming_logits
 
-MAPS = [None, lckv_map(4), cla_map(4, 2), "1_2s_3_3"]
+# "0_2s_2s_3": layer 2's KV is read only by sliding-window layers, so it keeps only their window.
+MAPS = [None, lckv_map(4), cla_map(4, 2), "1_2s_3_3", "0_2s_2s_3"]
 
 
 @pytest.mark.parametrize("layer_types", MAPS)
@@ -19,7 +20,7 @@ def test_streaming_matches_the_slow_reference(layer_types, sink, window):
         decoded = torch.cat([model(torch.tensor([[t]]), cache).logits[0] for t in ids])
         chunked_cache = model.new_cache(sink, window)
         # chunks long enough to overflow the cache inside one call; enough passes to be exact
-        chunked = torch.cat([model(torch.tensor([part]), chunked_cache, forward_passes=22).logits[0]
+        chunked = torch.cat([model(torch.tensor([part]), chunked_cache, forward_passes=22, sequential=False).logits[0]
                              for part in (ids[:3], ids[3:15], ids[15:])])
     assert (decoded - expected).abs().max() < 1e-5
     assert (chunked - expected).abs().max() < 1e-5
@@ -40,7 +41,7 @@ def test_chunks_encoded_as_a_captured_call_would_match_the_reference(layer_types
     expected, expected_held = streaming_logits(model, ids, 4, 5)
     with torch.no_grad():
         cache = model.new_cache(4, 5)
-        chunked = torch.cat([model(torch.tensor([part]), cache, forward_passes=22).logits[0]
+        chunked = torch.cat([model(torch.tensor([part]), cache, forward_passes=22, sequential=False).logits[0]
                              for part in (ids[:2], ids[2:4], ids[4:9], ids[9:12], ids[12:17], ids[17:])])
     assert (chunked - expected).abs().max() < 1e-5
     assert cache.held_indices() == expected_held
@@ -117,3 +118,22 @@ def test_batched_rows_stream_independently():
 def test_bad_sizes_are_named(sink, window, fragment):
     with pytest.raises(ValueError, match=fragment):
         SinkWindowCache((0,), 1, 1, 4, sink, window)
+
+
+def test_a_kv_read_only_by_sliding_window_layers_keeps_only_the_window():
+    model = tiny_model("0_2s_2s_3", sliding_window=3)  # producers 0, 2, 3; layer 2's readers all slide
+    cache = model.new_cache(sink=2, window=10)
+    assert cache.ring_layers == (2,)
+    assert [k.shape[2] for k in cache.keys] == [12, 2 + 3, 12]
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 30)), cache)
+        for _ in range(5):
+            model(torch.randint(0, 300, (1, 1)), cache)
+    stats = cache.stats()
+    per_layer = cache.bytes_per_token // 3
+    assert (stats.tokens_held, stats.sliding_kv_layers, stats.sliding_tokens_held) == (12, 1, 5)
+    assert stats.used_bytes == 12 * 2 * per_layer + 5 * per_layer
+    unbounded = tiny_model("0_2_2_3", sliding_window=3).new_cache(sink=2, window=10)  # no sliding: full length
+    assert unbounded.ring_layers == () and [k.shape[2] for k in unbounded.keys] == [12, 12, 12]
+    # 7 slots fewer of one layer's keys and values, 5 more stream indices (int64)
+    assert unbounded.allocated_bytes - cache.allocated_bytes == 7 * per_layer - 5 * 8

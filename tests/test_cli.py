@@ -141,3 +141,18 @@ def test_no_deprecation_warning_before_the_first_reply(chat):
     finally:
         library.removeHandler(handler)
     assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]
+
+
+def test_the_installed_command_and_package_data_point_at_what_exists():
+    """pyproject.toml's `lckv-stream` entry point and the default model's package data (the check that
+    `pip install .` works in a fresh venv is manual: it downloads the dependencies)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    module, function = project["project"]["scripts"]["lckv-stream"].split(":")
+    assert getattr(importlib.import_module(module), function) is main
+    folder = root / project["tool"]["setuptools"]["package-dir"]["lckv_stream.default_model_files"]
+    assert (folder / "config.json").is_file() and list(folder.glob("delta-*.safetensors"))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import check_dockerfile as check
 
-import check_dockerfile as check  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_parse_joins_continuations_and_drops_comments():
@@ -62,7 +61,7 @@ def test_the_image_installs_the_cpu_build_of_torch_at_the_pinned_version_first()
 def test_the_dockerfile_builds_and_the_app_answers_offline_on_its_port():
     """Minutes: a fresh venv with requirements.txt, the base model fetched, the app started offline."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "check_dockerfile.py")], capture_output=True, text=True, timeout=1200
+        [sys.executable, "-m", "scripts.check_dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=1200
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "the app answers on its port; one turn: Done:" in result.stdout

@@ -1,15 +1,10 @@
 """The streaming perplexity runs against brute force on a tiny model."""
 
-import sys
-from pathlib import Path
-
 import torch
 
 from app_support.tiny import tiny_model
 from lckv_stream import cla_map
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from streaming_ppl import recompute_nll, token_nll  # noqa: E402
+from bench.streaming_ppl import recompute_nll, token_nll
 
 
 def _brute_force(model, ids: torch.Tensor, context: int, chunk: int) -> torch.Tensor:
