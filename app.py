@@ -5,7 +5,8 @@ app_support/handlers.py; every number on screen is read from the engine.
 
 Environment (all optional): LCKV_MODEL ('default', 'tiny-random', a folder, a .gguf, a Hub id),
 LCKV_DEVICE, LCKV_IDLE_MINUTES, LCKV_MAX_GENERATIONS, LCKV_QUEUE_SIZE, LCKV_SINK, LCKV_WINDOW,
-LCKV_MAX_NEW_TOKENS; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as usual (default 127.0.0.1:7860).
+LCKV_MAX_NEW_TOKENS, LCKV_STORE (off: conversations are not saved), LCKV_DATA_DIR (where they are);
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as usual (default 127.0.0.1:7860).
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ from app_support.tiny import tiny_random_model
 from lckv_stream.limits import LIMITS
 from lckv_stream.metrics import device_name
 from lckv_stream.sampling import SamplingSettings
+from lckv_stream.store import open_store
 
 EXAMPLES = SCRIPT[:4]
 
 DESCRIPTION = (
-    "Each browser session has its own conversation. The cache keeps a few **sink** tokens (the system "
-    "prompt is pinned there) plus a **window** of the most recent tokens, and only some layers store "
-    "keys and values (LCKV), so memory stays flat however long the chat grows."
+    "The cache keeps a few **sink** tokens (the system prompt is pinned there) plus a **window** of the "
+    "most recent tokens, and only some layers store keys and values (LCKV), so memory stays flat however "
+    "long the chat grows."
 )
+SAVED = ("Kept on this server under a random key that only this browser holds: a reload or a restart "
+         "brings them back. Another browser sees its own; Export and Import move one between them.")
+NOT_SAVED = ("Conversations are **not saved** on this server (LCKV_STORE=off): a reload or a restart starts "
+             "a new one. Export keeps the open one as a file; Import opens one.")
+# The page asks before Delete; over the API, /delete takes true.
+CONFIRM_DELETE = "(confirmed) => confirm('Delete this conversation? It cannot be brought back.')"
 
 
 def load(config: AppConfig):
@@ -53,8 +61,31 @@ def build_demo(app: ChatApp) -> gr.Blocks:
     generation = dict(concurrency_limit=config.max_generations, concurrency_id="generation", preprocess=False)
     quick = dict(concurrency_limit=None, preprocess=False)
     hidden = dict(api_visibility="undocumented")
-    with gr.Blocks(title="lckv-stream") as demo:
+    saved = app.store is not None
+    # Exported and uploaded conversation files leave Gradio's cache within two hours.
+    with gr.Blocks(title="lckv-stream", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# lckv-stream\nModel **{config.model}** on **{device_name(app.model.device)}**. {DESCRIPTION}")
+        # The owner key and the open conversation's id, in localStorage; a fixed storage key and a
+        # secret kept beside the store, so that they read the same after a restart.
+        browser = gr.BrowserState(None, storage_key="lckv-stream", secret=app.browser_secret)
+        with gr.Sidebar(label="Conversations", elem_id="history"):
+            gr.Markdown(f"### Conversations\n{SAVED if saved else NOT_SAVED}")
+            new_button = gr.Button("New conversation", size="sm", variant="primary", elem_id="new-conversation",
+                                   visible=saved)
+            conversations = gr.Radio([], label="This browser's conversations", elem_id="conversations", visible=saved)
+            with gr.Row(visible=saved):
+                title = gr.Textbox(placeholder="A new title for this one", show_label=False, lines=1, max_lines=1,
+                                   scale=3, elem_id="title")
+                rename_button = gr.Button("Rename", size="sm", scale=1, min_width=60)
+            with gr.Row():
+                export_button = gr.Button("Export", size="sm", min_width=60, elem_id="export")
+                import_button = gr.UploadButton("Import", file_types=[".json"], size="sm", min_width=60,
+                                                elem_id="import")
+                delete_button = gr.Button("Delete", size="sm", variant="stop", min_width=60, elem_id="delete",
+                                          visible=saved)
+            export_file = gr.File(label="Exported conversation (JSON)", visible=False, interactive=False,
+                                  elem_id="export-file")
+            confirmed = gr.Checkbox(visible=False)  # what the page's confirm() answered
         with gr.Row():
             with gr.Column(scale=3):
                 earlier_button = gr.Button(visible=False, size="sm", elem_id="earlier")
@@ -115,11 +146,21 @@ def build_demo(app: ChatApp) -> gr.Blocks:
         view = [chatbot, lost_draft, status, panel, plot, raw, earlier_button, latest_button, stop_button]
         sampling = [max_new_tokens, temperature, top_p]
         settings = [system_prompt, sink, window, seed]
-        send = dict(fn=app.send, inputs=[message] + settings, outputs=view + [message, ticket], **quick)
+        stored = [browser, conversations]
+        # Opening a conversation sets the settings controls to its own: they go with every message.
+        opened = view + stored + [system_prompt, sink, window, export_file]
+        send = dict(fn=app.send, inputs=[message] + settings, outputs=view + [message, ticket] + stored, **quick)
         reply = dict(fn=app.respond, inputs=[ticket] + sampling, outputs=view, **generation)
 
-        demo.load(app.open, None, view, api_name="open", **quick)
+        demo.load(app.open, browser, opened, api_name="open", **quick)
         demo.unload(app.close)
+        conversations.input(app.switch, conversations, opened, api_name="switch", **quick)
+        new_button.click(app.new_conversation, None, opened, api_name="new_conversation", **quick)
+        gr.on([title.submit, rename_button.click], app.rename, title, [conversations, title, status],
+              api_name="rename", **quick)
+        delete_button.click(app.delete, confirmed, opened, js=CONFIRM_DELETE, api_name="delete", **quick)
+        export_button.click(app.export, None, [export_file, status], api_name="export", **quick)
+        import_button.upload(app.import_file, import_button, opened, api_name="import", **quick)
         lost_draft.change(app.restore_draft, lost_draft, message, api_name="restore_draft", **quick)
         gr.on([message.submit, send_button.click], api_name="send", **send).then(api_name="respond", **reply)
         chatbot.example_select(app.example, None, message, **quick, **hidden).then(**send, **hidden).then(
@@ -137,16 +178,17 @@ def build_demo(app: ChatApp) -> gr.Blocks:
         gr.on([clear_button.click, chatbot.clear], app.clear, None, view, api_name="clear", **quick)
         earlier_button.click(app.earlier, None, view, api_name="earlier", **quick)
         latest_button.click(app.latest, None, view, api_name="latest", **quick)
-        demo_button.click(app.long_conversation, [demo_turns] + sampling, view, api_name="long_conversation", **generation)
+        demo_button.click(app.save_page, None, stored, **quick, **hidden).then(
+            app.long_conversation, [demo_turns] + sampling, view, api_name="long_conversation", **generation)
     demo.queue(max_size=config.queue_size)
     app.blocks = demo
     return demo
 
 
 def create_app(config: AppConfig) -> tuple[ChatApp, gr.Blocks]:
-    """Load the model and build the page; starts the idle-session reaper."""
+    """Load the model, open the conversation store and build the page; starts the idle-session reaper."""
     model, tokenizer = load(config)
-    app = ChatApp(model, tokenizer, config)
+    app = ChatApp(model, tokenizer, config, open_store(config.store_environ()))
     app.registry.start_reaper(every_seconds=min(60.0, app.registry.idle_seconds / 2))
     return app, build_demo(app)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Mapping
 
 from lckv_stream.limits import check
+from lckv_stream.store import store_enabled
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class AppConfig:
     sink: int = 4
     window: int = 1024
     max_new_tokens: int = 256
+    store: str = "on"  # off: conversations are not saved
+    data_dir: str = ""  # where the store is; empty: lckv_stream.store.default_data_dir
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> AppConfig:
@@ -47,7 +50,15 @@ class AppConfig:
                 check(name, getattr(self, name))
             except ValueError as error:
                 raise ValueError(f"LCKV_{name.upper()}: {error}") from None
+        store_enabled({"LCKV_STORE": self.store})  # on or off, else ValueError
         if self.idle_minutes <= 0 or self.queue_size < 1:
             raise ValueError("LCKV_IDLE_MINUTES and LCKV_QUEUE_SIZE must be positive")
         if not 0 <= self.max_generations <= 64:
             raise ValueError(f"LCKV_MAX_GENERATIONS must be between 1 and 64 (0: the device's default), got {self.max_generations}")
+
+    def store_environ(self, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+        """`environ` with this config's LCKV_STORE and LCKV_DATA_DIR, as `open_store` reads them."""
+        values = dict(environ, LCKV_STORE=self.store)
+        if self.data_dir:
+            values["LCKV_DATA_DIR"] = self.data_dir
+        return values

@@ -9,6 +9,12 @@ A message goes through two events: Send (quick) checks it and shows it at once; 
 (in the generation queue) takes it and streams the answer. What Send accepted waits in the
 session's page state under a ticket; the reply step takes it once, so answering the same message
 twice is refused.
+
+Conversations are kept in the store (unless LCKV_STORE=off), under the owner key the browser keeps
+(history.py): page load binds the page to that key and restores the conversation it had open; a
+conversation is saved from its first message on, and its session's recorder writes every change.
+The side list's events act on the page's own conversation, or on one its owner's list holds: an
+id from anywhere else reads as "no such conversation", whether it exists or not.
 """
 
 from __future__ import annotations
@@ -23,17 +29,37 @@ import gradio as gr
 from app_support import inputs
 from app_support.app_config import AppConfig
 from app_support.chat_view import LATEST_LABEL, earlier_label
+from app_support.history import (
+    Binding,
+    Exports,
+    Pages,
+    browser_secret,
+    browser_value,
+    choices,
+    new_owner,
+    read_browser_value,
+)
 from app_support.panel import latency_frame, metrics_markdown, read_metrics
 from app_support.sessions import Edit, GenerationSlots, Message, PageState, Refused, SessionRegistry, forget_gradio_session
+from lckv_stream import conversation_file
 from lckv_stream.buckets import batch_class
 from lckv_stream.chat import CacheSettings, ChatSession, PrefillProgress, TokenEvent, TurnEnd
 from lckv_stream.chat_format import ChatError, ChatFormat, clean_message
+from lckv_stream.conversation import CUT, Conversation, ConversationSettings, title_from_message
 from lckv_stream.engine import Engine, EngineSettings
+from lckv_stream.recording import StoreRecorder
+from lckv_stream.store import ConversationNotFound, ConversationStore
 
 NOTHING_CHANGED = "nothing changed"  # what session.configure says when the settings are the same
 PLOT_EVERY_S = 0.5  # while a reply streams, the latency plot is redrawn at most this often
 DEMO_TURNS = (5, 500)
 NO_MESSAGE = "there is no message to answer: send one first (each message is answered once)"
+NOT_SAVED = "conversations are not saved on this server (LCKV_STORE=off)"
+NOT_OPENED = "this page has not opened yet: call /open first (with the browser state it returned before, if any)"
+NOT_LISTED = "there is no such conversation in this browser's list"
+TAKEN = ("Your previous conversation was opened in another tab or window and continues there; this "
+         "message starts a new one (pick the other in the list to bring it back here).")
+RELEASE_WAIT_S = 10.0  # how long opening a conversation waits for the page that had it to stop its reply
 
 END_NOTES = {
     "eos": "the model finished its answer",
@@ -69,8 +95,15 @@ def as_update(value) -> dict:
 class ChatApp:
     """The event handlers, the sessions they serve and the engine that decodes for all of them."""
 
-    def __init__(self, model, tokenizer, config: AppConfig) -> None:
+    def __init__(self, model, tokenizer, config: AppConfig, store: ConversationStore | None = None) -> None:
+        """`store`: where conversations are kept (None: nowhere, LCKV_STORE=off)."""
         self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.pages = Pages()
+        self.exports = Exports()
+        # None without a store: Gradio draws a key per process, and nothing the browser keeps matters.
+        self.browser_secret = browser_secret(store.path.parent) if store is not None else None
         default_batch = EngineSettings.for_device(model.device).max_batch
         self.config = config = replace(config, max_generations=config.max_generations or default_batch)
         # One engine for every browser session: it decodes the replies being generated together.
@@ -134,20 +167,55 @@ class ChatApp:
         gr.Warning(str(error))
         return self.view(session, page, f"⚠️ {error}", **view)
 
-    def _lookup(self, request: gr.Request) -> tuple[ChatSession, PageState, bool]:
+    def _lookup(self, request: gr.Request, conversation: Conversation | None = None) -> tuple[ChatSession, PageState, bool]:
+        """The page's session and page state, and whether the session was just made; a new session
+        of a page with a stored conversation open resumes it (`conversation`, or read from the store)."""
         session, created = self.registry.get(request.session_hash)
+        if created:
+            self._resume(request.session_hash, session, conversation)
         return session, self.registry.page(request.session_hash), created
 
+    def _resume(self, key: str, session: ChatSession, conversation: Conversation | None) -> None:
+        binding = self.pages.get(key)
+        if self.store is None or binding is None or binding.conversation_id is None:
+            return
+        try:
+            if conversation is None:
+                conversation = self.store.load(binding.conversation_id, binding.owner)
+            session.restore(conversation)
+        except (ConversationNotFound, ChatError):  # deleted from another page meanwhile; or not one this app wrote
+            self.pages.let_go(key)
+            return
+        session.recorder = StoreRecorder(self.store, conversation.id, binding.owner)
+
     # ---- page -----------------------------------------------------------------------------------
-    def open(self, request: gr.Request) -> tuple:
-        """Page load: create this browser's session and show its state (the latest messages)."""
-        session, page, _ = self._lookup(request)
-        page.window.follow()
-        return self.view(session, page, "Ready.")
+    def open(self, kept: object, request: gr.Request) -> tuple:
+        """Page load: bind the page to the owner key the browser kept (a new one on a first visit) and
+        show the conversation it had open, restored from the store.
+
+        Returns the view, then (browser state, side list, system prompt, sink, window, export file).
+        Over the API, pass the browser state this returned before (None the first time) to come back to it.
+        """
+        key = request.session_hash
+        if self.store is None:
+            session, page, _ = self._lookup(request)
+            page.window.follow()
+            return self._opened(self.view(session, page, f"Ready. Note: {NOT_SAVED}; a reload starts a new conversation."),
+                                session, None)
+        owner, current = read_browser_value(kept)
+        self._release(key)  # a page opens once; an API client that opens again starts over
+        binding = self.pages.bind(key, owner or new_owner())
+        if current is not None and current not in self._owned(binding.owner):
+            return self._show(request, binding, None, "The conversation this browser had open is not on this "
+                              "server any more (deleted, or the server's disk was replaced); a new one starts here.")
+        return self._show(request, binding, current, "Ready.")
 
     def close(self, request: gr.Request) -> None:
-        """Tab closed: free the session at once, and Gradio's own state of it."""
+        """Tab closed: free the session at once, and Gradio's own state of it (the stored
+        conversation stays)."""
         self.registry.drop(request.session_hash)
+        self.pages.forget(request.session_hash)
+        self.exports.discard(request.session_hash)
         if self.blocks is not None:
             forget_gradio_session(self.blocks.state_holder, request.session_hash)
 
@@ -203,10 +271,12 @@ class ChatApp:
     ) -> tuple:
         """Check the message and settings, show the message at once; the reply step answers it.
 
-        Returns the view, the message box and the ticket the reply step answers. A refused message
-        stays in the box; the reply step then only repeats why.
+        Returns the view, the message box, the ticket the reply step answers, and (browser state,
+        side list), updated when this message is the first of a conversation and saves it. A refused
+        message stays in the box; the reply step then only repeats why.
         """
         session, page, created = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
         ticket = next(self._tickets)
         try:
             if session.generating:
@@ -216,20 +286,29 @@ class ChatApp:
         except ValueError as error:
             refused = self.notice(session, page, error)
             page.pending = Refused(ticket, refused[2])
-            return refused + (inputs.box_text(message), ticket)
+            return refused + (inputs.box_text(message), ticket) + self._saved(None)
         page.pending = Message(ticket, text)
         page.window.follow()
         notes = []
+        if binding is not None and binding.taken:
+            binding.taken = False
+            notes.append(TAKEN)
         if created and self.registry.was_evicted(request.session_hash):
-            notes.append(f"This conversation was idle for over {self.config.idle_minutes:g} minutes and was "
-                         "closed to free memory; a new one starts here.")
+            if binding is not None and binding.conversation_id is not None:
+                notes.append(f"This conversation was idle for over {self.config.idle_minutes:g} minutes and its "
+                             "memory was freed; it came back from the store, and its cache is read again from "
+                             "the transcript.")
+            else:
+                notes.append(f"This conversation was idle for over {self.config.idle_minutes:g} minutes and was "
+                             "closed to free memory; a new one starts here.")
+        saved = self._record(request.session_hash, session, title_from_message(text))
         if change != NOTHING_CHANGED:
             notes.append(f"Settings: {change}.")
         if self.slots.full():
             notes.append(f"Busy: all {self.slots.limit} generation slots are in use; your message is queued "
                          "and is answered as soon as one frees up.")
         shown = self.view(session, page, " ".join(notes) or "Sending…", plot=False, running=True, sent=text)
-        return shown + ("", ticket)
+        return shown + ("", ticket) + self._saved(binding if saved else None)
 
     def edit(self, edited: gr.EditData, request: gr.Request) -> tuple:
         """A user message edited in the chat: the conversation goes back to it, the new text replaces
@@ -247,6 +326,7 @@ class ChatApp:
             if target[0]["content"] != edited.previous_value:
                 raise ChatError("the conversation changed under this edit: try it again")
             text = clean_message(edited.value)
+            self._record(request.session_hash, session)
         except ValueError as error:
             refused = self.notice(session, page, error)
             page.pending = Refused(ticket, refused[2])
@@ -309,6 +389,7 @@ class ChatApp:
         except ValueError as error:
             yield self.notice(session, page, error)
             return
+        self._record(request.session_hash, session)  # the page saved it first (save_page); an API client may not
         page.window.follow()
         before = self.metrics(session)
         for turn in range(turns):
@@ -328,6 +409,225 @@ class ChatApp:
         yield self.view(session, page, f"Long conversation done: {turns} turns. Conversation "
                         f"{before['conversation_tokens']:,} → {after['conversation_tokens']:,} tokens; KV cache "
                         f"{before['cache_mb']:.2f} → {after['cache_mb']:.2f} MB.", running=False)
+
+    # ---- saved conversations --------------------------------------------------------------------
+    def switch(self, conversation_id: object, request: gr.Request) -> tuple:
+        """Open another of this browser's conversations (the side list). Returns what `open` does."""
+        session, page, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        try:
+            self._check_can_change(session, binding, "switch")
+            if not isinstance(conversation_id, str) or conversation_id not in self._owned(binding.owner):
+                raise ChatError(NOT_LISTED)
+        except ChatError as error:
+            return self._opened(self.notice(session, page, error), session, binding)
+        if conversation_id == binding.conversation_id:
+            return self._opened(self.view(session, page, "This conversation is already open."), session, binding)
+        self._release(request.session_hash)
+        return self._show(request, binding, conversation_id, "Ready.")
+
+    def new_conversation(self, request: gr.Request) -> tuple:
+        """Start a new conversation; the open one stays in the list. Returns what `open` does."""
+        session, page, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        try:
+            self._check_can_change(session, binding, "start a new conversation")
+        except ChatError as error:
+            return self._opened(self.notice(session, page, error), session, binding)
+        self._release(request.session_hash)
+        self.pages.let_go(request.session_hash)
+        return self._show(request, binding, None, "New conversation. It is saved with its first message.")
+
+    def save_page(self, request: gr.Request) -> tuple:
+        """Save the page's conversation if it is not yet (before the long-conversation demo runs in it);
+        returns (browser state, side list)."""
+        session, _, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        return self._saved(binding if self._record(request.session_hash, session) else None)
+
+    def rename(self, title: object, request: gr.Request) -> tuple:
+        """Rename the open conversation; returns (side list, title box, status)."""
+        binding = self.pages.get(request.session_hash)
+        try:
+            if self.store is None:
+                raise ChatError(NOT_SAVED)
+            if binding is None:
+                raise ChatError(NOT_OPENED)
+            if binding.conversation_id is None:
+                raise ChatError("this conversation is saved with its first message: send one, then name it")
+            self.store.rename(binding.conversation_id, binding.owner, inputs.text("title", title))
+        except (ValueError, ConversationNotFound) as error:
+            gr.Warning(str(error))
+            return self._saved(binding)[1], inputs.box_text(title), f"⚠️ {error}"
+        return self._saved(binding)[1], "", "Renamed."
+
+    def delete(self, confirmed: object, request: gr.Request) -> tuple:
+        """Delete the open conversation from the store (the page asks first: `confirmed` must be
+        true) and start a new one. Returns what `open` does."""
+        session, page, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        try:
+            self._check_can_change(session, binding, "delete it")
+            if binding.conversation_id is None:
+                raise ChatError("this conversation is not saved yet: there is nothing to delete")
+        except ChatError as error:
+            return self._opened(self.notice(session, page, error), session, binding)
+        if confirmed is not True:
+            return self._opened(self.view(session, page, "Not deleted."), session, binding)
+        doomed = binding.conversation_id
+        self._release(request.session_hash)
+        self.exports.discard(request.session_hash)
+        self.pages.let_go(request.session_hash)
+        try:
+            self.store.delete(doomed, binding.owner)
+        except ConversationNotFound:  # deleted from another page already
+            pass
+        return self._show(request, binding, None, "Deleted. A new conversation starts here.")
+
+    def export(self, request: gr.Request) -> tuple:
+        """The open conversation as a conversation file (JSON) to download; returns (file, status)."""
+        session, page, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        hidden = gr.update(value=None, visible=False)
+        if session.generating:
+            return hidden, self._warn("a reply is still being written: wait for it or press Stop, then export")
+        if self.store is not None and binding is not None and binding.conversation_id is not None:
+            conversation = self.store.load(binding.conversation_id, binding.owner)
+        elif session.message_count:
+            conversation = session.to_conversation(self._title(session))
+        else:
+            return hidden, self._warn("there is nothing to export yet: send a message first")
+        path = self.exports.write(request.session_hash, conversation.title, conversation_file.dumps(conversation))
+        return (gr.update(value=str(path), visible=True),
+                f"Exported {_count(len(conversation.messages), 'message')} as {path.name}: download it below the list.")
+
+    def import_file(self, upload: object, request: gr.Request) -> tuple:
+        """A conversation file (an export) as a new conversation of this browser, opened in the page;
+        a file that is not acceptable is a notice and nothing is written. Returns what `open` does."""
+        session, page, _ = self._lookup(request)
+        binding = self.pages.get(request.session_hash)
+        path = upload.get("path") if isinstance(upload, dict) else None
+        try:
+            if session.generating:
+                raise ChatError("a reply is still being written: wait for it or press Stop, then import")
+            if self.store is not None and binding is None:
+                raise ChatError(NOT_OPENED)
+            if not isinstance(path, str):
+                raise ChatError("choose a conversation file (.json, as Export writes it) to import")
+            conversation = conversation_file.load_path(path, len(self.tokenizer))
+            cache = conversation.settings.cache
+            try:
+                inputs.cache(cache.sink, cache.window)  # the page's ranges, not only what the cache accepts
+                ChatSession(self.model, self.tokenizer, engine=self.engine).restore(conversation)
+            except ValueError as error:
+                raise conversation_file.ConversationFileError(f"the file's conversation cannot be opened here: {error}") from None
+        except ValueError as error:
+            return self._opened(self.notice(session, page, f"Not imported: {error}"), session, binding)
+        lead = (f"Imported “{conversation.title}”: {_count(len(conversation.messages), 'message')} "
+                f"({_count(conversation.turns, 'turn')})")
+        self._release(request.session_hash)
+        if self.store is None:
+            session, page, _ = self._lookup(request)
+            session.restore(conversation)
+            page.window.follow()
+            status = restored_note(conversation, lead) if conversation.messages else f"{lead}."
+            return self._opened(self.view(session, page, f"{status} Not saved on this server."), session, None, changed=True)
+        conversation_id = self.store.insert(conversation, binding.owner)
+        return self._show(request, binding, conversation_id, f"{lead}.", lead)
+
+    def _check_can_change(self, session: ChatSession, binding: Binding | None, action: str) -> None:
+        """Raises ChatError when the page cannot change which conversation it has open now."""
+        if self.store is None:
+            raise ChatError(NOT_SAVED)
+        if binding is None:
+            raise ChatError(NOT_OPENED)
+        if session.generating:
+            raise ChatError(f"a reply is still being written: wait for it or press Stop, then {action}")
+
+    def _show(
+        self, request: gr.Request, binding: Binding, conversation_id: str | None, status: str, lead: str | None = None,
+    ) -> tuple:
+        """Open `conversation_id` (one the owner's list holds; None: a new one) in the page, whose
+        session was released: what `open` returns.
+        `status` is the status line for a new or empty conversation, `lead` the start of it for a
+        restored one (see restored_note)."""
+        key = request.session_hash
+        conversation, binding.taken = None, False  # the page chose what it shows now
+        if conversation_id is not None:
+            previous = self.pages.hold(key, conversation_id)
+            if previous is not None:
+                self._release(previous)  # the other page's reply ends and is written before it is read here
+            try:
+                conversation = self.store.load(conversation_id, binding.owner)
+            except ConversationNotFound:  # deleted from another page meanwhile
+                self.pages.let_go(key)
+                status = "That conversation was deleted meanwhile; a new one starts here."
+        session, page, _ = self._lookup(request, conversation)
+        page.window.follow()
+        if conversation is not None and conversation.messages:
+            status = restored_note(conversation, lead)
+        return self._opened(self.view(session, page, status), session, binding, changed=True)
+
+    def _release(self, key: str) -> None:
+        """Free page `key`'s session, after its reply (if one streams) has stopped and been written."""
+        session = self.registry.peek(key)
+        if session is None:
+            return
+        if session.generating:
+            self.registry.stop(key)
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while session.generating and time.monotonic() < deadline:
+                time.sleep(0.02)
+        session.recorder = None  # whatever it still does is not this conversation's any more
+        self.registry.drop(key)
+
+    def _record(self, key: str, session: ChatSession, title: str | None = None) -> bool:
+        """Save the page's conversation in the store from now on, if it is not yet; True when it was
+        saved now (the browser state and the side list then change). `title`: its first message's."""
+        binding = self.pages.get(key)
+        if self.store is None or binding is None or binding.conversation_id is not None:
+            return False
+        if session.message_count:  # messages the session already holds are saved with it
+            conversation_id = self.store.insert(session.to_conversation(self._title(session)), binding.owner)
+        else:
+            conversation_id = self.store.create(
+                binding.owner, ConversationSettings(session.cache_settings, session.sampling), session.system_prompt, title)
+        self.pages.hold(key, conversation_id)
+        session.recorder = StoreRecorder(self.store, conversation_id, binding.owner)
+        return True
+
+    def _owned(self, owner: str) -> set[str]:
+        return {summary.id for summary in self.store.list(owner)}
+
+    def _opened(self, shown: tuple, session: ChatSession, binding: Binding | None, changed: bool = False) -> tuple:
+        """`shown` (a view) and the rest of what open and the side list's events return: (browser state,
+        side list, system prompt, sink, window, export file), the file hidden when the conversation changed."""
+        export = gr.update(value=None, visible=False) if changed else gr.skip()
+        return shown + self._saved(binding) + self._settings(session) + (export,)
+
+    def _saved(self, binding: Binding | None) -> tuple:
+        """(browser state, side list) for `binding`; both left as shown for None."""
+        if self.store is None or binding is None:
+            return gr.skip(), gr.skip()
+        listed = choices(self.store.list(binding.owner))
+        return gr.update(value=browser_value(binding)), gr.update(choices=listed, value=binding.conversation_id)
+
+    @staticmethod
+    def _settings(session: ChatSession) -> tuple:
+        """The settings controls as the session has them (system prompt, sink, window): the page sends
+        them with every message, so they must show the open conversation's."""
+        cache = session.cache_settings
+        return gr.update(value=session.system_prompt or ""), gr.update(value=cache.sink), gr.update(value=cache.window)
+
+    @staticmethod
+    def _title(session: ChatSession) -> str:
+        first = session.message_slice(0, 1)
+        return title_from_message(first[0]["content"]) if first else "New conversation"
+
+    @staticmethod
+    def _warn(error: str) -> str:
+        gr.Warning(error)
+        return f"⚠️ {error}"
 
     # ---- controls -------------------------------------------------------------------------------
     def stop(self, request: gr.Request) -> None:
@@ -391,3 +691,16 @@ class ChatApp:
         finally:
             events.close()
         return None
+
+
+def restored_note(conversation: Conversation, lead: str | None = None) -> str:
+    """The status line for a conversation brought back from the store or a file (with messages);
+    `lead` replaces its start."""
+    note = lead or f"Restored {_count(len(conversation.messages), 'message')} ({_count(conversation.turns, 'turn')}) from the store"
+    if conversation.messages[-1].status == CUT:
+        note += "; the last reply was cut off when the server stopped while writing it (what was written is kept)"
+    return note + ". Its cache is read again from the transcript at your next message."
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -57,31 +58,47 @@ class Served(NamedTuple):
 
 @contextmanager
 def serve_in_process(**config) -> Iterator[Served]:
-    """app.py built with AppConfig(**config), served on a free local port."""
+    """app.py built with AppConfig(**config), served on a free local port; its conversation store is
+    in a temporary folder unless `data_dir` is given."""
     import app as app_module  # the repository root is on the path (tests/conftest.py, or `python -m`)
 
-    chat_app, demo = app_module.create_app(app_module.AppConfig(**config))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Served(chat_app, f"http://127.0.0.1:{port}/", demo)
-    finally:
-        demo.close()
+    with tempfile.TemporaryDirectory(prefix="lckv-data-") as scratch:
+        chat_app, demo = app_module.create_app(app_module.AppConfig(**{"data_dir": scratch, **config}))
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield Served(chat_app, f"http://127.0.0.1:{port}/", demo)
+        finally:
+            demo.close()
+            if chat_app.store is not None:
+                chat_app.store.close()
 
 
-@contextmanager
-def serve_subprocess(env: dict[str, str], log: Path, timeout_s: float = 180) -> Iterator[str]:
-    """URL of `python app.py` started with `env` added to ours; its output goes to `log`."""
+def start_subprocess(env: dict[str, str], log: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """`python app.py` started with `env` added to ours, once it answers: (process, URL). Its output goes to `log`."""
     port = free_port()
     full_env = {**os.environ, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(url, process, timeout_s, log)
-        yield url
-    finally:
+    except BaseException:
         stop_process(process)
+        raise
+    return process, url
+
+
+@contextmanager
+def serve_subprocess(env: dict[str, str], log: Path, timeout_s: float = 180) -> Iterator[str]:
+    """URL of `python app.py` started with `env` added to ours; its output goes to `log`. Its
+    conversation store is in a temporary folder unless `env` names LCKV_DATA_DIR."""
+    with tempfile.TemporaryDirectory(prefix="lckv-data-") as scratch:
+        process, url = start_subprocess({"LCKV_DATA_DIR": scratch, **env}, log, timeout_s)
+        try:
+            yield url
+        finally:
+            stop_process(process)
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:

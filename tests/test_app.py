@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 
 import app as app_module
 from served_app import fill_transcript, serve_in_process
@@ -104,9 +104,33 @@ def test_a_turn_streams_partial_updates_with_live_metrics(client, chat_app):
     assert len(updated(outs[-1][PLOT])["data"]) == 200
 
 
+def test_a_conversation_comes_back_through_the_api_and_moves_to_another_browser_as_a_file(served):
+    """/open takes the browser state it returned before (what the page keeps in localStorage); /export
+    and /import carry the conversation file through Gradio's file handling."""
+    browser, listed = 6, 7  # in what /send returns; /open returns them at 5 and 6
+    first = Client(served.url, verbose=False)
+    assert first.predict(None, api_name="/open")[browser - 1]["value"]["current"] is None
+    sent = send(first, "keep this")
+    kept = sent[browser]["value"]
+    assert [tuple(c) for c in sent[listed]["choices"]] == [("keep this", kept["current"])]
+    reply = updates(respond(first))[-1][CHAT]
+    first.close()
+    reloaded = Client(served.url, verbose=False)
+    reopened = reloaded.predict(kept, api_name="/open")
+    assert reopened[STATUS].startswith("Restored 2 messages (1 turn) from the store")
+    assert [text_of(m) for m in reopened[CHAT]] == [text_of(m) for m in reply]
+    exported = reloaded.predict(api_name="/export")[0]["value"]
+    other = Client(served.url, verbose=False)
+    assert other.predict(None, api_name="/open")[listed - 1]["choices"] == []
+    imported = other.predict(handle_file(exported), api_name="/import")
+    assert imported[STATUS].startswith("Imported “keep this”: 2 messages (1 turn)")
+    (title, copy), = imported[listed - 1]["choices"]
+    assert title == "keep this" and copy != kept["current"]
+
+
 def test_the_empty_plot_already_has_numeric_axes(client):
     """The page fixes the plot's scales from its first frame: an untyped empty frame made them categorical."""
-    plot = updated(client.predict(api_name="/open")[PLOT])
+    plot = updated(client.predict(None, api_name="/open")[PLOT])
     assert plot["data"] == [] and plot["datatypes"] == {"token": "quantitative", "latency_ms": "quantitative"}
 
 
@@ -443,7 +467,7 @@ def test_the_chats_own_clear_retry_and_undo_icons_act_on_the_conversation(served
 def test_a_long_conversation_shows_its_latest_messages_and_earlier_ones_on_demand(client, chat_app):
     from app_support.chat_view import LATEST, MAX_SHOWN, PAGE
 
-    client.predict(api_name="/open")
+    client.predict(None, api_name="/open")
     fill_transcript(chat_app.registry.peek(client.session_hash), 160)
     outs = turn(client, "turn 160", max_new_tokens=1)
     shown = [text_of(m) for m in outs[-1][CHAT] if m["role"] == "user"]

@@ -6,6 +6,7 @@ Chromium is used). Skipped, saying why, only when one of them is missing.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -43,16 +44,28 @@ def served():
 
 
 @pytest.fixture
-def page(tmp_path):
+def browser(tmp_path):
+    """Opens pages, each in a browser of its own (a profile of its own: its own localStorage)."""
     with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000},
-        )
+        contexts = []
+
+        def new_page():
+            contexts.append(playwright.chromium.launch_persistent_context(
+                str(tmp_path / f"profile-{len(contexts)}"), executable_path=CHROMIUM, headless=True,
+                args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+            ))
+            return contexts[-1].new_page()
+
         try:
-            yield context.new_page()
+            yield new_page
         finally:
-            context.close()
+            for context in contexts:
+                context.close()
+
+
+@pytest.fixture
+def page(browser):
+    return browser()
 
 
 def set_number(page, label: str, value: str) -> None:
@@ -205,3 +218,38 @@ def test_a_2000_turn_conversation_opens_at_its_latest_messages_and_scrolls_back(
     page.wait_for_function("(n) => document.querySelectorAll('#chat .message.user').length === n", arg=LATEST // 2,
                            timeout=30_000)
     assert users.last.inner_text() == "turn 2000" and not page.locator("#latest").is_visible()
+
+
+def conversation_tokens(page) -> str:
+    """The panel's count of the conversation's tokens."""
+    return re.search(r"Tokens in cache / in conversation\s+[\d,]+ / ([\d,]+)", page.inner_text("#metrics")).group(1)
+
+
+def test_a_reload_shows_the_same_conversation_and_another_browser_does_not_list_it(served, browser):
+    page = browser()
+    page.goto(served.url)
+    page.wait_for_selector("#metrics table", timeout=60_000)
+    set_number(page, "Max new tokens", "8")
+    page.locator("#message textarea").fill("remember this conversation")
+    page.locator("#message textarea").press("Enter")
+    page.wait_for_function(DONE, timeout=60_000)
+    page.wait_for_function("(document.querySelector('#conversations') || {innerText: ''}).innerText"
+                           ".includes('remember this conversation')", timeout=30_000)
+    reply, tokens = page.locator("#chat .message.bot").inner_text(), conversation_tokens(page)
+
+    page.reload()
+    page.wait_for_function("(document.querySelector('#status') || {innerText: ''}).innerText"
+                           ".startsWith('Restored 2 messages')", timeout=60_000)
+    assert page.locator("#chat .message.user").inner_text() == "remember this conversation"
+    assert page.locator("#chat .message.bot").inner_text() == reply
+    assert conversation_tokens(page) == tokens
+    assert page.locator("#conversations input:checked").count() == 1
+    owner = next(b.owner for b in served.app.pages._bindings.values())
+
+    other = browser()
+    other.goto(served.url)
+    other.wait_for_function("(document.querySelector('#status') || {}).innerText === 'Ready.'", timeout=60_000)
+    assert other.locator("#chat .message").count() == 0
+    assert other.locator("#conversations input").count() == 0
+    assert "remember this conversation" not in other.inner_text("body")
+    assert {b.owner for b in served.app.pages._bindings.values()} - {owner}  # the second browser has its own key
