@@ -12,6 +12,7 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as usual (default 127.0.0.1:7860).
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from app_support.tiny import tiny_random_model
 from lckv_stream.limits import LIMITS
 from lckv_stream.metrics import device_name
 from lckv_stream.sampling import SamplingSettings
-from lckv_stream.store import open_store
+from lckv_stream.store import StoreError, open_store
 
 EXAMPLES = SCRIPT[:4]
 
@@ -186,9 +187,17 @@ def build_demo(app: ChatApp) -> gr.Blocks:
 
 
 def create_app(config: AppConfig) -> tuple[ChatApp, gr.Blocks]:
-    """Load the model, open the conversation store and build the page; starts the idle-session reaper."""
+    """Open the conversation store, load the model and build the page; starts the idle-session reaper.
+
+    Raises ValueError when the store cannot be opened (before the model loads, which takes longer).
+    """
+    try:
+        store = open_store(config.store_environ())
+    except (OSError, sqlite3.Error, StoreError) as error:
+        raise ValueError(f"cannot open the conversation store: {error} (set LCKV_DATA_DIR to a writable "
+                         "folder, or LCKV_STORE=off)") from None
     model, tokenizer = load(config)
-    app = ChatApp(model, tokenizer, config, open_store(config.store_environ()))
+    app = ChatApp(model, tokenizer, config, store)
     app.registry.start_reaper(every_seconds=min(60.0, app.registry.idle_seconds / 2))
     return app, build_demo(app)
 

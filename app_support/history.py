@@ -21,6 +21,8 @@ import secrets
 import shutil
 import tempfile
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,9 @@ OWNER_BYTES = 32
 _OWNER = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 SECRET_FILE = "browser-state.key"  # the key Gradio encrypts the browser's localStorage entry with
 MAX_LISTED = 100  # conversations shown in the side list, the most recently active first
+# Pages remembered at most: a page that never says it closed (a REST client is a new page at each
+# call) would otherwise be kept for good; past this the least recently used are forgotten.
+MAX_PAGES = 20_000
 _UNSAFE = re.compile(r"[^A-Za-z0-9]+")
 
 
@@ -92,8 +97,9 @@ def choices(conversations: list[ConversationSummary]) -> list[tuple[str, str]]:
 class Pages:
     """Each page's binding, and which page holds each stored conversation."""
 
-    def __init__(self) -> None:
-        self._bindings: dict[str, Binding] = {}
+    def __init__(self, capacity: int = MAX_PAGES) -> None:
+        self.capacity = capacity
+        self._bindings: OrderedDict[str, Binding] = OrderedDict()  # least recently used first
         self._holders: dict[str, str] = {}  # conversation id -> page
         self._lock = threading.Lock()
 
@@ -102,10 +108,20 @@ class Pages:
         with self._lock:
             self._let_go(page)
             binding = self._bindings[page] = Binding(owner)
+            self._bindings.move_to_end(page)
+            while len(self._bindings) > self.capacity:
+                oldest = next(iter(self._bindings))
+                self._let_go(oldest)
+                del self._bindings[oldest]
             return binding
 
     def get(self, page: str) -> Binding | None:
-        return self._bindings.get(page)
+        """`page`'s binding (None: it never opened, or was forgotten); counts as a use of it."""
+        with self._lock:
+            binding = self._bindings.get(page)
+            if binding is not None:
+                self._bindings.move_to_end(page)
+            return binding
 
     def hold(self, page: str, conversation_id: str) -> str | None:
         """Make `conversation_id` `page`'s open conversation; returns the page that held it before
@@ -153,6 +169,7 @@ class Exports:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="lckv-exports-"))
+        weakref.finalize(self, shutil.rmtree, self.root, True)  # at exit at the latest
 
     def write(self, page: str, title: str, text: str) -> Path:
         """`text` as `<title>.json` in `page`'s folder (the page's earlier exports are replaced)."""

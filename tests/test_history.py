@@ -83,6 +83,15 @@ def test_browser_values_owner_keys_and_the_secret(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "browser-state.key").st_mode) == 0o600
 
 
+def test_the_store_settings_come_from_the_environment(tmp_path):
+    config = AppConfig.from_env({"LCKV_STORE": "off", "LCKV_DATA_DIR": str(tmp_path)})
+    assert (config.store, config.data_dir) == ("off", str(tmp_path))
+    assert config.store_environ({"HOME": "/h"}) == {"HOME": "/h", "LCKV_STORE": "off", "LCKV_DATA_DIR": str(tmp_path)}
+    assert "LCKV_DATA_DIR" not in AppConfig().store_environ({})  # the store's default folder
+    with pytest.raises(ValueError, match="LCKV_STORE must be on or off, got 'maybe'"):
+        AppConfig.from_env({"LCKV_STORE": "maybe"})
+
+
 def test_a_conversation_is_held_by_one_page_at_a_time():
     pages = Pages()
     one, two = pages.bind("one", "owner"), pages.bind("two", "owner")
@@ -93,6 +102,15 @@ def test_a_conversation_is_held_by_one_page_at_a_time():
     assert pages.holder("c1") == "two"
     pages.let_go("two")
     assert pages.holder("c1") is None and two.conversation_id is None
+    # Past its capacity the least recently used page is forgotten, with the conversation it held.
+    few = Pages(capacity=2)
+    few.bind("a", "owner"), few.bind("b", "owner")
+    few.hold("a", "ca")
+    few.get("a")
+    few.bind("c", "owner")
+    assert few.get("b") is None and few.holder("ca") == "a" and few.get("c") is not None
+    few.bind("d", "owner")
+    assert few.get("a") is None and few.holder("ca") is None
 
 
 def test_a_reload_restores_the_conversation_and_its_panel(chat_app, store):
