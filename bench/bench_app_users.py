@@ -27,7 +27,12 @@ from gradio_client import Client  # noqa: E402
 
 from served_app import serve_subprocess  # noqa: E402
 
-NUMBERS = 4  # the raw metrics output of the reply events
+STATUS, NUMBERS = 1, 4  # the status line and the raw metrics among the reply events' outputs
+
+
+def text_of(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
 def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> None:
@@ -35,7 +40,9 @@ def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> Non
     client = Client(url, verbose=False)
     tokens = 0
     for turn in range(turns):
-        client.predict(f"I am {name}. Tell me something about the number {turn}.", [], "", 4, 1024, api_name="/send")
+        sent = client.predict(f"I am {name}. Tell me something about the number {turn}.", "", 4, 1024, None,
+                              api_name="/send")
+        assert not sent[STATUS].startswith("⚠️"), sent[STATUS]
         job = client.submit(max_new_tokens, 0.7, 0.9, api_name="/respond")
         job.result(timeout=600)
         final = job.outputs()[-1]
@@ -54,7 +61,7 @@ def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict
     [t.join() for t in threads]
     wall = max(r["ended"] for r in results) - began
     for name, result in zip(names, results):
-        said = " ".join(str(message.get("content")) for message in result["chat"] if message.get("role") == "user")
+        said = " ".join(text_of(message) for message in result["chat"] if message.get("role") == "user")
         others = [other for other in names if other != name and other in said]
         assert name in said and not others, f"{name}'s conversation holds {others}"
     tokens = sum(r["tokens"] for r in results)

@@ -12,8 +12,8 @@ Parts (each prints a table and writes JSON into --out):
                (two child processes), and compiles counted on the hot path afterwards
   soak         64 conversations x --turns turns each: memory and latency per block of turns
 
-    python bench/bench_engine.py --model random --out bench/results/engine            # GPU
-    python bench/bench_engine.py --model tiny --parts concurrency --counts 1 4 --tokens 16   # CPU dry run
+    python -m bench.bench_engine --model random --out bench/results/engine            # GPU
+    python -m bench.bench_engine --model tiny --parts concurrency --counts 1 4 --tokens 16   # CPU dry run
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ BATCH_CLASSES = (1, 2, 4, 8, 16, 32, 64)
 _SAMPLING_FIELDS = {"temperature": torch.float32, "top_p": torch.float32, "repetition_penalty": torch.float32,
                     "seeds": torch.long, "draws": torch.long}
 MIN_SINK, MIN_WINDOW = 16, 256
+STOP_SLOTS = 8  # stop tokens a generating row may have
 
 
 def _power_of_two_at_least(value: int, floor: int) -> int:
@@ -99,7 +100,14 @@ class Bucket:
         self._params.repetition_penalty.fill_(1.0)
         self._widths = [vocab] * (rows + 1)  # candidate width of each row's sampling (host copy)
         self._width_of_row = torch.full((rows + 1,), vocab, dtype=torch.long, device=device)
-        self._active_pattern: tuple[int, int] | None = None  # (size, generating) the active mask is set for
+        # Which rows generate, on the device, so that a step can be queued before the host has read
+        # the last one's tokens: a row that draws a stop token or reaches its token limit leaves
+        # `alive` in the step that ends it, and the next step (already queued) leaves it untouched.
+        self._alive = torch.zeros(rows + 1, dtype=torch.bool, device=device)
+        self._remaining = torch.zeros(rows + 1, dtype=torch.long, device=device)
+        self._stop_table = torch.full((rows + 1, STOP_SLOTS), -1, dtype=torch.long, device=device)
+        self._position = torch.arange(rows + 1, device=device)
+        self._host_tokens: list[torch.Tensor] = []
         self._prefill_decoder = None
         self._row_decoders: dict[int, EagerDecoder] = {}  # eager prefill straight into a row (no graphs)
         self.graphs = False  # captured yet (eager until then)
@@ -164,14 +172,13 @@ class Bucket:
         cache.copy_row(a, spare)
         cache.copy_row(b, a)
         cache.copy_row(spare, b)
-        for buffer in (self.next_logits, self._width_of_row,
+        for buffer in (self.next_logits, self._width_of_row, self._alive, self._remaining, self._stop_table,
                        *(getattr(self._params, name) for name in _SAMPLING_FIELDS)):
             buffer[spare].copy_(buffer[a])
             buffer[a].copy_(buffer[b])
             buffer[b].copy_(buffer[spare])
         self._widths[a], self._widths[b] = self._widths[b], self._widths[a]
         self.occupant[a], self.occupant[b] = self.occupant[b], self.occupant[a]
-        self._active_pattern = None
         for index in (a, b):
             if self.occupant[index] is not None:
                 self.occupant[index].index = index
@@ -216,8 +223,17 @@ class Bucket:
         return name
 
     # ---- steps --------------------------------------------------------------------------------
-    def set_row_sampling(self, index: int, settings: SamplingSettings, seed: int, draws: int) -> None:
-        """How row `index` samples from now on (kept on the device: a step copies nothing)."""
+    def start_generating(self, index: int, settings: SamplingSettings, seed: int, draws: int,
+                         stop_ids: frozenset[int]) -> None:
+        """Row `index` generates from the next step on, sampling with `settings` until it draws one of
+        `stop_ids` or has drawn `settings.max_new_tokens` tokens (all kept on the device)."""
+        if len(stop_ids) > STOP_SLOTS:
+            raise ValueError(f"at most {STOP_SLOTS} stop tokens, got {len(stop_ids)}")
+        self._stop_table[index].fill_(-1)
+        if stop_ids:
+            self._stop_table[index, : len(stop_ids)].copy_(torch.tensor(sorted(stop_ids)))
+        self._remaining[index] = settings.max_new_tokens
+        self._alive[index] = True
         params = self._params
         params.temperature[index] = settings.temperature
         params.top_p[index] = settings.top_p
@@ -228,21 +244,35 @@ class Bucket:
         self._widths[index] = width
         self._width_of_row[index] = width
 
+    def host_tokens(self, count: int) -> torch.Tensor:
+        """A pinned host buffer for a step's `count` tokens: two, used in turn, since a step's tokens
+        are read after the next step is queued (and its copy with it)."""
+        if not self._host_tokens:
+            self._host_tokens = [torch.empty(self.rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._host_tokens.reverse()
+        return self._host_tokens[0][:count]
+
+    def stop_generating(self, index: int) -> None:
+        """Row `index` takes no part in the steps queued from now on."""
+        self._alive[index] = False
+
     def step(self, size: int, generating: int) -> torch.Tensor:
-        """One batched decode step for rows [0, generating) (rows up to `size` idle): each row's next
-        token is drawn from its pending logits with its own settings (`set_row_sampling`), fed to the
-        cache, and the new logits become pending. Returns the tokens drawn [generating] (on the
-        device)."""
+        """One batched decode step for the generating rows among [0, generating) (rows up to `size`
+        idle): each row's next token is drawn from its pending logits with its own settings
+        (`start_generating`), fed to the cache, and the new logits become pending. Returns the tokens
+        drawn [generating] (on the device; a row that had stopped generating gets a meaningless one)."""
         active = self.cache.active[:size]
-        if self._active_pattern != (size, generating):
-            active.fill_(False)
-            active[:generating] = True
-            self._active_pattern = (size, generating)
+        torch.logical_and(self._alive[:size], self._position[:size] < generating, out=active)
         tokens = self._sample(size, generating)
-        self._params.draws[:size].add_(active.long())
+        stepped = active.long()
+        self._params.draws[:size].add_(stepped)
         logits = self.decoder(size).step(tokens)
         pending = self.next_logits[:size]
         pending.copy_(torch.where(active.view(-1, 1), logits, pending))
+        remaining = self._remaining[:size]
+        remaining.sub_(stepped)
+        ended = (tokens.view(-1, 1) == self._stop_table[:size]).any(-1) | (remaining <= 0)
+        self._alive[:size].logical_and_(~(ended & active))
         return tokens[:generating]
 
     def _sample(self, size: int, generating: int) -> torch.Tensor:
@@ -287,7 +317,6 @@ class Bucket:
     def prefill(self, index: int, token_ids: torch.Tensor) -> None:
         """Encode token_ids [1, T] into row `index`; its pending logits become the last token's."""
         self.cache.active[index] = True  # a one-token chunk writes through the decode path
-        self._active_pattern = None
         if self._prefill_decoder is None:
             if index not in self._row_decoders:
                 self._row_decoders[index] = self._build(lambda: EagerDecoder(self.model, self.cache.rows(index, index + 1)))
@@ -325,6 +354,10 @@ class SideCompiler:
     @property
     def pending(self) -> int:
         return len(self._queue) + len(self._ready)
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
 
     def _run(self) -> None:
         import time

@@ -51,6 +51,10 @@ class EngineSettings:
     compile: bool = False  # compile the steps on the side (plain graphs serve meanwhile)
     warm_shape: tuple[int, int] | None = None  # (sink, window) whose bucket is built at start
     compiled_classes: tuple[int, ...] | None = None  # batch size classes to compile (None: all)
+    # Queue each step before reading the last one's tokens (the device never waits for the host's
+    # bookkeeping). Pays on a GPU; on a CPU, where the host does the work, it only adds a step at
+    # the end of each reply.
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch not in (1, 2, 4, 8, 16, 32, 64):
@@ -66,7 +70,7 @@ class EngineSettings:
         values: dict = dict(
             max_batch=64 if cuda else 8, bucket_mb=2048.0 if cuda else 1024.0, host_mb=4096.0,
             idle_seconds=60.0 if cuda else float("inf"), prefill_tokens=256,
-            graphs=cuda, compile=cuda and os.environ.get("LCKV_COMPILE", "1") != "0",
+            graphs=cuda, compile=cuda and os.environ.get("LCKV_COMPILE", "1") != "0", overlap_steps=cuda,
         )
         if "LCKV_MAX_GENERATIONS" in os.environ:
             values["max_batch"] = batch_class(min(64, max(1, int(os.environ["LCKV_MAX_GENERATIONS"]))))
@@ -196,6 +200,18 @@ class _Generate:
     stream: JobStream = field(default_factory=JobStream)
     tokens: list[int] = field(default_factory=list)  # every token fed to the cache, final at the end
     last: float = field(default_factory=time.perf_counter)
+    in_flight: int = 0  # queued steps that feed this job's row, not read yet
+
+
+@dataclass
+class _Step:
+    """A batched step queued on the device: its rows' jobs, in row order, and where its tokens land
+    (a pinned host buffer and an event on CUDA; the list itself elsewhere)."""
+
+    bucket: Bucket
+    jobs: list
+    tokens: object
+    ready: object
 
 
 class Engine:
@@ -219,6 +235,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._prefills: list[_Prefill] = []
         self._waiting: list = []  # jobs that wait for a device row
+        self._in_flight: list[_Step] = []  # steps queued on the device whose tokens are not read yet
         self._steps = 0
         self._tokens = 0
         self._last_housekeeping = time.monotonic()
@@ -387,19 +404,28 @@ class Engine:
     def _iteration(self, block: bool) -> None:
         """One pass of the scheduler loop (the engine's thread only)."""
         self._receive(block)
-        if self._compiler is not None:
+        if self._compiler is not None and (self._compiler.has_ready or not all(
+                bucket.graphs for bucket in self._buckets.values())):
+            self._finish_all()  # a capture wants an idle device
             self._compiler.install_ready(self.counters)
             for bucket in list(self._buckets.values()):
                 bucket.upgrade()
-        self._admit_waiting()
-        for bucket in list(self._buckets.values()):
-            self._decode(bucket)
+        if self._waiting:
+            self._finish_all()  # admitting may move or offload rows
+            self._admit_waiting()
+        queued = self._in_flight
+        self._in_flight = [step for step in map(self._launch, list(self._buckets.values())) if step is not None]
+        for step in queued:
+            self._finish(step)
+        if not self.settings.overlap_steps:
+            self._finish_all()
         self._prefill_chunk()
         if time.monotonic() - self._last_housekeeping > 1.0:
+            self._finish_all()
             self._housekeeping()
 
     def _busy(self) -> bool:
-        return bool(self._prefills or self._waiting or any(isinstance(r.job, _Generate) for r in list(self._rows)))
+        return bool(self._in_flight or self._prefills or self._waiting or any(isinstance(r.job, _Generate) for r in list(self._rows)))
 
     def _receive(self, block: bool) -> None:
         try:
@@ -416,6 +442,7 @@ class Engine:
     def _take(self, item) -> None:
         if isinstance(item, tuple):
             function, future = item
+            self._finish_all()  # a command sees every step's tokens handed out
             try:
                 future.set_result(function())
             except BaseException as error:  # handed to the caller's thread
@@ -606,12 +633,14 @@ class Engine:
             if isinstance(job, _Prefill):
                 self._prefills.append(job)
             else:
-                row.bucket.set_row_sampling(row.index, job.settings, row.seed, row.draws)
+                row.bucket.start_generating(row.index, job.settings, row.seed, row.draws, job.stop_ids)
                 job.last = time.perf_counter()
         self._waiting = still
 
     def _end(self, job, reason: str | None = None, error: Exception | None = None) -> None:
         row = job.row
+        if isinstance(job, _Generate) and row.bucket is not None:
+            row.bucket.stop_generating(row.index)
         row.job = None
         row.last_used = time.monotonic()
         if error is not None:
@@ -621,14 +650,20 @@ class Engine:
         if row.closed:
             self._close(row)
 
-    def _decode(self, bucket: Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> "_Step | None":
+        """Queue one batched step of the bucket's generating rows; its tokens are read later
+        (`_finish`), once the next step is queued behind it, so the device never waits for the host's
+        bookkeeping. A row that ends in a step (stop token, token limit) is left out of the steps
+        queued behind it on the device itself (Bucket.step)."""
         jobs = [r.job for r in bucket.occupant if r is not None and isinstance(r.job, _Generate)]
         for job in jobs:  # a job whose owner left: stop it now, whatever its backlog
-            if job.stop.is_set() and job.tokens:
+            if job.stop.is_set() and job.tokens and not job.in_flight:
                 self._end(job, "stopped")
-        jobs = [job for job in jobs if job.row.job is job and job.stream.backlog < RUN_AHEAD]
+        # A stopped job takes no new step; the one in flight still counts (its token is in the cache).
+        jobs = [job for job in jobs
+                if job.row.job is job and not job.stop.is_set() and job.stream.backlog < RUN_AHEAD]
         if not jobs:
-            return
+            return None
         count = len(jobs)
         # The rows stepping now first: a step of class c runs rows [0, c).
         stepping = {id(job.row) for job in jobs}
@@ -638,20 +673,50 @@ class Engine:
                 bucket.swap(job.row.index, target)
         jobs.sort(key=lambda job: job.row.index)
         try:
-            tokens = bucket.step(batch_class(count), count).tolist()
+            tokens = bucket.step(batch_class(count), count)
+            if self.device.type == "cuda":
+                host = bucket.host_tokens(count)
+                host.copy_(tokens, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                step = _Step(bucket, jobs, host, ready)
+            else:
+                step = _Step(bucket, jobs, tokens.tolist(), None)
         except torch.OutOfMemoryError:
             _release_cached_memory()
-            for job in jobs:
-                self._end(job, error=EngineError("out of memory while generating"))
-            return
+            self._fail_step(jobs, EngineError("out of memory while generating"))
+            return None
         except Exception as error:  # a failed step fails its jobs, not the engine
-            for job in jobs:
-                self._end(job, error=EngineError(f"decoding failed: {error}"))
-            return
+            self._fail_step(jobs, EngineError(f"decoding failed: {error}"))
+            return None
+        for job in jobs:
+            job.in_flight += 1
+        return step
+
+    def _fail_step(self, jobs: list, error: EngineError) -> None:
+        for job in jobs:
+            if job.row.job is job:
+                job.in_flight = 0
+                self._end(job, error=error)
+
+    def _finish(self, step: "_Step") -> None:
+        """Hand each row of a queued step its token, and end the jobs that ended in it."""
+        if step.ready is not None:
+            try:
+                step.ready.synchronize()
+                tokens = step.tokens.tolist()
+            except Exception as error:
+                self._fail_step(step.jobs, EngineError(f"decoding failed: {error}"))
+                return
+        else:
+            tokens = step.tokens
         now = time.perf_counter()
         self._steps += 1
-        self._tokens += count
-        for job, token in zip(jobs, tokens):
+        for job, token in zip(step.jobs, tokens):
+            job.in_flight -= 1
+            if job.row.job is not job:  # ended in an earlier step: this row was not stepped
+                continue
+            self._tokens += 1
             row = job.row
             row.seen += 1
             row.draws += 1
@@ -662,8 +727,13 @@ class Engine:
                 self._end(job, "eos")
             elif len(job.tokens) >= job.settings.max_new_tokens:
                 self._end(job, "max_new_tokens")
-            elif job.stop.is_set():
+            elif job.stop.is_set() and not job.in_flight:
                 self._end(job, "stopped")
+
+    def _finish_all(self) -> None:
+        """Read every queued step (before anything that moves, copies or frees rows)."""
+        while self._in_flight:
+            self._finish(self._in_flight.pop(0))
 
     def _prefill_chunk(self) -> None:
         if not self._prefills:

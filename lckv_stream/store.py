@@ -214,7 +214,7 @@ class ConversationStore:
         key = _owner_key(owner)
         _check_prompt(system_prompt)
         now = self._clock()
-        conversation_id = secrets.token_urlsafe(ID_BYTES)
+        conversation_id = secrets.token_hex(ID_BYTES)  # hex: an id never starts with "-", which a command line would take for a flag
         with self._write() as db:
             db.execute(
                 "INSERT INTO conversations VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -419,7 +419,7 @@ class ConversationStore:
         """Store a whole conversation under a new id (its own id is ignored), in one transaction."""
         key = _owner_key(owner)
         _check_prompt(conversation.system_prompt)
-        conversation_id = secrets.token_urlsafe(ID_BYTES)
+        conversation_id = secrets.token_hex(ID_BYTES)  # hex: an id never starts with "-", which a command line would take for a flag
         now = self._clock()
         rows = [
             (position, m.role, CUT if m.status == STREAMING else m.status, len(m.tokens),

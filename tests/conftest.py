@@ -13,6 +13,10 @@ sys.path.insert(0, str(TESTS.parent))
 
 from app_support.tiny import tiny_tokenizer  # noqa: E402
 
+# The tests' models are tiny: a second intra-op thread buys nothing there, and on a shared or busy
+# machine every small operation waits for it to be scheduled (a tiny decode step took 100 ms).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

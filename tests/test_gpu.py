@@ -277,7 +277,8 @@ def test_engine_prefill_graphs_and_offload_to_pinned_memory():
             deadline = time.monotonic() + 20
             while row.residence != "host" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert row.residence == "host" and all(t.is_pinned() for t in row.host.state.values())
+            # (an empty buffer, e.g. the ring index of a map without sliding-window layers, is never pinned)
+            assert row.residence == "host" and all(t.is_pinned() for t in row.host.state.values() if t.numel())
             stream, after = engine.generate(row, SamplingSettings(temperature=0.0, max_new_tokens=20), frozenset(),
                                             threading.Event())
             list(stream)
