@@ -124,8 +124,10 @@ def build_demo(app: ChatApp) -> gr.Blocks:
             with gr.Row():
                 sink = gr.Slider(*LIMITS["sink"], value=config.sink, step=1, precision=0, label="Sink tokens")
                 window = gr.Slider(*LIMITS["window"], value=config.window, step=16, precision=0, label="Window tokens")
-                seed = gr.Number(
-                    value=None, precision=0, minimum=LIMITS["seed"][0], label="Seed", elem_id="seed",
+                # A text box: a number box sends 0 when left empty, which would give every
+                # conversation the same seed.
+                seed = gr.Textbox(
+                    value="", label="Seed", elem_id="seed", placeholder="random", max_lines=1,
                     info="Empty: each conversation draws its own. A number: the same messages get the same replies.",
                 )
             with gr.Row():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lckv_stream.chat import CacheSettings
 from lckv_stream.chat_format import ChatError, without_surrogates
-from lckv_stream.limits import check
+from lckv_stream.limits import check, parse
 from lckv_stream.sampling import SamplingSettings
 
 
@@ -29,8 +29,17 @@ def number(name: str, value: object, limits: tuple[float, float] | None = None, 
 
 
 def seed(value: object) -> int | None:
-    """The seed box: empty (None or "") for a random seed per conversation, else a whole number."""
-    if value is None or value == "":
+    """The seed box: empty (None or blank text) for a random seed per conversation, else a whole
+    number (typed in the box as text, or a number from an API client)."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        try:
+            return parse("seed", value)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+    if value is None:
         return None
     return number("seed", value)
 
