@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))
 
 from app_support.tiny import tiny_tokenizer  # noqa: E402
+
+# The suite checks the engine's semantics against float references on hundreds of tiny caches: on a
+# CPU it runs the float32 steps unless a test asks for the fast path (tests/test_cpu_fast.py), which
+# would also compile a step for every new cache shape.
+os.environ.setdefault("LCKV_CPU_FAST", "0")
 
 
 @pytest.fixture(scope="session")
