@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .cache import SinkWindowCache
+from .cpu_fast import CompiledCPUDecoder
 from .decoding import EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_step, decode_step
 from .fusion import fuse_projections
 from .sampling import RowSampling, SamplingSettings, sample_rows, width_of
@@ -67,6 +68,8 @@ class StepOptions:
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
+    compile_options: dict | None = None  # TorchInductor options (None: decoding.COMPILE_OPTIONS)
+    name: str | None = None  # what the eager step is called (the CPU fast path: "CPU, int8")
 
 
 class Bucket:
@@ -112,6 +115,8 @@ class Bucket:
         self._row_decoders: dict[int, EagerDecoder] = {}  # eager prefill straight into a row (no graphs)
         self.graphs = False  # captured yet (eager until then)
         self.upgrade()
+        if options.compile and not options.graphs and compiler is not None:
+            self._submit_compiles()  # a CPU: compiled steps are called directly, no graphs
 
     def upgrade(self) -> bool:
         """Capture the bucket's graphs (steps, prefill chunks, the default sampler) and queue its
@@ -150,11 +155,14 @@ class Bucket:
             self._samplers[(size, default_width)] = self._capture_sampler(size, default_width)
             self.counters.graphs_captured += 1
         if options.compile and self._compiler is not None:
-            # Batch 1 first (one user must not wait), then the largest (the most users served).
-            for size in sorted(self.classes, key=lambda size: (size != 1, -size)):
-                if options.compiled_classes is None or size in options.compiled_classes:
-                    self._compiler.submit(self, size)
-                    self.counters.compiles_started += 1
+            self._submit_compiles()
+
+    def _submit_compiles(self) -> None:
+        # Batch 1 first (one user must not wait), then the largest (the most users served).
+        for size in sorted(self.classes, key=lambda size: (size != 1, -size)):
+            if self.options.compiled_classes is None or size in self.options.compiled_classes:
+                self._compiler.submit(self, size)
+                self.counters.compiles_started += 1
 
     # ---- rows ---------------------------------------------------------------------------------
     @property
@@ -198,27 +206,55 @@ class Bucket:
             if self.graphs:
                 self._decoders[size] = self._build(lambda: GraphDecoder(self.model, view, step_function=decode_step))
             else:
-                self._decoders[size] = self._build(lambda: EagerDecoder(self.model, view))
+                self._decoders[size] = self._build(lambda: self._eager(view))
         return self._decoders[size]
 
+    def _eager(self, view: SinkWindowCache) -> EagerDecoder:
+        decoder = EagerDecoder(self.model, view)
+        if self.options.name is not None:
+            decoder.name = self.options.name
+        return decoder
+
     def install_compiled(self, size: int, function: Callable) -> None:
-        """Replace class `size`'s plain graph with a capture of the compiled step (engine thread)."""
+        """Replace class `size`'s plain graph (on a CPU: its eager step) with the compiled step, captured
+        on CUDA (engine thread)."""
+        view = self.cache.rows(0, size)
         try:
             # A guard that fails here would compile on the engine's thread: refuse instead.
             with torch.compiler.set_stance("fail_on_recompile"):
-                decoder = self._build(lambda: GraphDecoder(self.model, self.cache.rows(0, size), step_function=function))
+                if self.options.graphs:
+                    decoder = self._build(lambda: GraphDecoder(self.model, view, step_function=function))
+                else:
+                    name = f"{self.decoder(size).name}, compiled"
+                    decoder = self._build(lambda: CompiledCPUDecoder(self.model, view, function, name))
+                    self._check_compiled(decoder)
         except Exception as error:  # keep the plain graph; the name says why
-            self._decoders[size].name += f" (compile failed: {str(error)[:80]})"
+            self.compile_failed(size, str(error))
             return
         self._decoders[size] = decoder
         self._compiled[size] = True
+
+    def compile_failed(self, size: int, reason: str) -> None:
+        """Class `size` keeps its plain graph (or eager step); its name says why."""
+        self.decoder(size).name += f" (compile failed: {reason[:80]})"
+        self._compiled[size] = False
+
+    def _check_compiled(self, decoder: CompiledCPUDecoder) -> None:
+        """One call of the compiled step on a copy of the rows' state, put back after: a guard that
+        fails on these rows raises here (the stance refuses to compile), not in a reply."""
+        cache = decoder.cache
+        saved = cache.snapshot()
+        try:
+            decoder.step(torch.zeros(cache.batch_size, dtype=torch.long, device=cache.device))
+        finally:
+            cache.restore(saved)
 
     def decoder_name(self, size: int) -> str:
         name = self.decoder(size).name
         wanted = self.options.compiled_classes is None or size in self.options.compiled_classes
         if self.options.graphs and not self.graphs:
             name += " (graphs wait for the side compiler)"
-        elif self.options.compile and wanted and not self._compiled.get(size):
+        elif self.options.compile and wanted and size not in self._compiled:
             name += " (compiling on the side)"
         return name
 
@@ -329,7 +365,8 @@ class Bucket:
 
 
 class SideCompiler:
-    """Compiles bucket steps on its own thread while the engine serves with plain CUDA graphs.
+    """Compiles bucket steps on its own thread while the engine serves with plain CUDA graphs (on a
+    CPU: with the eager step).
 
     A capture on the engine's thread fails if another thread synchronizes the GPU meanwhile, and
     compiling does (autotuning): the compiler holds `lock` while it works, and the engine captures a
@@ -339,7 +376,8 @@ class SideCompiler:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._queue: list[tuple[Bucket, int]] = []
-        self._ready: list[tuple[Bucket, int, Callable, float]] = []
+        self._ready: list[tuple[Bucket, int, Callable | str, float]] = []
+        self._working = 0  # compiles under way (taken from the queue, not ready yet)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -353,7 +391,7 @@ class SideCompiler:
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + len(self._ready)
+        return len(self._queue) + self._working + len(self._ready)
 
     @property
     def has_ready(self) -> bool:
@@ -367,28 +405,32 @@ class SideCompiler:
                 while not self._queue:
                     self._wake.wait()
                 bucket, size = self._queue.pop(0)
+                self._working += 1
             started = time.perf_counter()
             with self.lock:
                 function = self._compile(bucket, size)
             with self._wake:
                 self._ready.append((bucket, size, function, time.perf_counter() - started))
+                self._working -= 1
 
-    def _compile(self, bucket: Bucket, size: int) -> Callable | None:
-        """Compile the step for `size` rows of the bucket's shape on a scratch cache of that shape."""
+    def _compile(self, bucket: Bucket, size: int) -> Callable | str:
+        """Compile the step for `size` rows of the bucket's shape on a scratch cache of that shape;
+        the error's text when it fails."""
         try:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=size)
             scratch.attention_backend = bucket.decoder(size).cache.attention_backend
-            function = compile_step()
+            function = compile_step(bucket.options.compile_options)
             tokens = torch.zeros(size, 1, dtype=torch.long, device=scratch.device)
             with torch.inference_mode():
                 for _ in range(2):
                     function(bucket.model, tokens, scratch)
-            torch.cuda.synchronize()
+            if scratch.device.type == "cuda":
+                torch.cuda.synchronize()
             del scratch
             return function
-        except Exception:  # the plain graph keeps serving; install_compiled is never called
-            return None
+        except Exception as error:  # the plain graph (or eager step) keeps serving
+            return str(error) or type(error).__name__
 
     def install_ready(self, counters: Counters) -> None:
         """On the engine thread: capture the compiled steps that are ready, if the compiler is idle."""
@@ -400,8 +442,10 @@ class SideCompiler:
             for bucket, size, function, seconds in ready:
                 counters.compiles_finished += 1
                 counters.compile_seconds += seconds
-                if function is not None:
+                if callable(function):
                     bucket.install_compiled(size, function)
+                else:
+                    bucket.compile_failed(size, function)
         finally:
             self.lock.release()
 

@@ -30,6 +30,8 @@ import torch
 
 from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batch_class, bucket_shape
 from .cache import CacheStats, SinkWindowCache, row_stats
+from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabled, cpu_fast_model, fast_path_name,
+                       use_cpu_threads)
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -55,6 +57,7 @@ class EngineSettings:
     # bookkeeping). Pays on a GPU; on a CPU, where the host does the work, it only adds a step at
     # the end of each reply.
     overlap_steps: bool = False
+    cpu_fast: bool = False  # on a CPU: steps on a quantized copy of the model (`cpu_fast_model`)
 
     def __post_init__(self) -> None:
         if self.max_batch not in (1, 2, 4, 8, 16, 32, 64):
@@ -64,13 +67,15 @@ class EngineSettings:
 
     @classmethod
     def for_device(cls, device: torch.device, **overrides) -> "EngineSettings":
-        """Defaults for `device`; LCKV_MAX_GENERATIONS, LCKV_COMPILE, LCKV_OFFLOAD_IDLE_S and
-        LCKV_HOST_MB override them, keyword arguments override those."""
+        """Defaults for `device`; LCKV_MAX_GENERATIONS, LCKV_COMPILE, LCKV_CPU_FAST,
+        LCKV_OFFLOAD_IDLE_S and LCKV_HOST_MB override them, keyword arguments override those."""
         cuda = device.type == "cuda"
+        cpu_fast = device.type == "cpu" and cpu_fast_enabled()
         values: dict = dict(
             max_batch=64 if cuda else 8, bucket_mb=2048.0 if cuda else 1024.0, host_mb=4096.0,
             idle_seconds=60.0 if cuda else float("inf"), prefill_tokens=256,
-            graphs=cuda, compile=cuda and os.environ.get("LCKV_COMPILE", "1") != "0", overlap_steps=cuda,
+            graphs=cuda, compile=(cuda or cpu_fast) and os.environ.get("LCKV_COMPILE", "1") != "0",
+            cpu_fast=cpu_fast, compiled_classes=None if cuda else CPU_COMPILED_CLASSES, overlap_steps=cuda,
         )
         if "LCKV_MAX_GENERATIONS" in os.environ:
             values["max_batch"] = batch_class(min(64, max(1, int(os.environ["LCKV_MAX_GENERATIONS"]))))
@@ -222,9 +227,16 @@ class Engine:
         self.device = model.device
         self.settings = settings or EngineSettings.for_device(self.device)
         self.counters = Counters()
+        cpu_fast = self.settings.cpu_fast and self.device.type == "cpu"
+        # What the steps run: the model itself, or its quantized copy on the CPU fast path.
+        self.step_model = cpu_fast_model(model) if cpu_fast else model
+        if cpu_fast:
+            use_cpu_threads()
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
                                     prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0",
-                                    compiled_classes=self.settings.compiled_classes)
+                                    compiled_classes=self.settings.compiled_classes,
+                                    compile_options=CPU_COMPILE_OPTIONS if cpu_fast else None,
+                                    name=fast_path_name() if cpu_fast else None)
         self._compiler = SideCompiler() if self.settings.compile else None
         if self.settings.compile:
             _persistent_compile_cache()
@@ -248,6 +260,10 @@ class Engine:
             started = time.perf_counter()
             self._call(lambda: self._bucket(bucket_shape(*self.settings.warm_shape)))
             self.started_in_s = time.perf_counter() - started
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of a model gets no engine: its first session makes one of its own."""
+        return None
 
     @classmethod
     def shared(cls, model) -> "Engine":
@@ -287,7 +303,7 @@ class Engine:
     def dense_bytes_per_token(self) -> int:
         """KV bytes per token of a dense Llama cache of the same model, in the cache's dtype."""
         config = self.model.config
-        element = torch.empty((), dtype=self.model.dtype).element_size()
+        element = torch.empty((), dtype=self.step_model.dtype).element_size()
         return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
 
     def resize(self, row: Row, sink: int, window: int) -> None:
@@ -332,14 +348,14 @@ class Engine:
         """A cache of this bucket shape on the meta device (nothing allocated): what its rows hold and cost."""
         layout = self._layouts.get(shape)
         if layout is None:
-            layout = self._layouts[shape] = self.model.new_cache(*shape, device="meta")
+            layout = self._layouts[shape] = self.step_model.new_cache(*shape, device="meta")
         return layout
 
     def decoder_name(self, row: Row) -> str:
         """The step that serves the row now (its batch size class while it generates)."""
         bucket = row.bucket or self._buckets.get(bucket_shape(row.sink, row.window))
         if bucket is None:
-            return "eager" if not self.settings.graphs else "cuda-graph (not built yet)"
+            return self._options.name or ("eager" if not self.settings.graphs else "cuda-graph (not built yet)")
         generating = sum(1 for r in bucket.occupant if r is not None and isinstance(r.job, _Generate))
         return bucket.decoder_name(batch_class(max(1, min(generating, bucket.rows))))
 
@@ -460,7 +476,7 @@ class Engine:
             rows = 1
             while rows * 2 <= min(fit, self.settings.max_batch):
                 rows *= 2
-            self._buckets[shape] = Bucket(self.model, sink, window, rows, self._options, self.counters,
+            self._buckets[shape] = Bucket(self.step_model, sink, window, rows, self._options, self.counters,
                                           self._compiler)
         return self._buckets[shape]
 

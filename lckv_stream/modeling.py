@@ -51,14 +51,17 @@ class LCKVLlamaAttention(nn.Module):
             self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.qkv_weight: torch.Tensor | None = None  # set by fusion.fuse_projections (inference)
+        self.qkv_proj: nn.Module | None = None  # set by quantize.quantize_model (inference)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, steps, _ = x.shape
         return x.view(batch, steps, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        if self.qkv_weight is not None and not torch.is_grad_enabled():
-            kv_width = self.num_kv_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(hidden).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        elif self.qkv_weight is not None and not torch.is_grad_enabled():
             q, k, v = nn.functional.linear(hidden, self.qkv_weight).split(
                 [self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
@@ -83,9 +86,12 @@ class LCKVLlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inner, size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.gate_up_weight: torch.Tensor | None = None  # set by fusion.fuse_projections (inference)
+        self.gate_up_proj: nn.Module | None = None  # set by quantize.quantize_model (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None and not torch.is_grad_enabled():
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        elif self.gate_up_weight is not None and not torch.is_grad_enabled():
             gate, up = nn.functional.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

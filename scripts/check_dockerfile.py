@@ -5,9 +5,9 @@
 The build context is a copy of the repository's tracked files in a temp dir; container paths (literal
 absolute paths in ENV/WORKDIR/COPY) live under <tmp>/root. FROM picks this machine's Python (same
 major.minor as the image tag); RUN runs with `sh -c` in the WORKDIR with only the Dockerfile's ENV
-(plus this machine's pip/TLS settings); USER is noted; `useradd` is skipped (it would change this
-machine). Then CMD starts with the final ENV, all outbound HTTP sent to a dead local proxy, and one
-chat turn goes through its API.
+(plus this machine's pip/TLS settings and LCKV_CPU_FAST); USER is noted; `useradd` is skipped (it
+would change this machine). Then CMD starts with the final ENV, all outbound HTTP sent to a dead local
+proxy, and one chat turn goes through its API.
 
 Local differences, printed when used: PIP_NO_CACHE_DIR is dropped and PIP_CACHE_DIR points at this
 machine's pip cache (speed, same packages); the app listens on 127.0.0.1 and a free port instead of
@@ -34,7 +34,9 @@ from tests.served_app import free_port, stop_process, wait_until_up
 ROOT = Path(__file__).resolve().parent.parent
 
 SKIPPED_PROGRAMS = ("useradd",)  # creating users needs root and changes the machine
-PASSED_THROUGH = re.compile(r"^(PIP_.*|SSL_CERT_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|LANG)$")
+# LCKV_CPU_FAST too: the test suite turns the CPU fast path off (it compiles for minutes on two
+# cores; tests/test_cpu_fast.py tests it), and a replay run from the suite keeps that choice.
+PASSED_THROUGH = re.compile(r"^(PIP_.*|SSL_CERT_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|LANG|LCKV_CPU_FAST)$")
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing answers, so any outbound HTTP fails
 START_TIMEOUT_S = 240
 

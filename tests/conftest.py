@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from app_support.tiny import tiny_tokenizer  # noqa: E402
 # The tests' models are tiny: a second intra-op thread buys nothing there, and on a shared or busy
 # machine every small operation waits for it to be scheduled (a tiny decode step took 100 ms).
 torch.set_num_threads(1)
+# The suite checks the engine's semantics against float references on hundreds of tiny caches: on a
+# CPU it runs the float32 steps unless a test asks for the fast path (tests/test_cpu_fast.py), which
+# would also compile a step for every new cache shape.
+os.environ.setdefault("LCKV_CPU_FAST", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,17 @@
 """The decode step as the compiler sees it (on CPU, through `aot_eager`): it takes the compiled-only
-attention path, which must give the same logits and the same cache as the eager step."""
+attention path (the GPU's; turned on for the CPU here), which must give the same logits and the same
+cache as the eager step."""
 
 import pytest
 import torch
 
 from app_support.tiny import tiny_model
-from lckv_stream import cla_map, lckv_map
+from lckv_stream import attention, cla_map, lckv_map
+
+
+@pytest.fixture(autouse=True)
+def _split_attention_on_cpu(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_DECODE_DEVICES", ("cuda", "cpu"))
 
 
 @pytest.mark.parametrize("layer_types", [lckv_map(4, 1, 1), cla_map(4, 2), None], ids=["lckv", "cla", "llama"])

@@ -1,0 +1,86 @@
+"""`torch.ops.lckv.int8_linear`: int8 weight products on AVX512-VNNI (int8_kernel.cpp).
+
+Torch's own int8 weight-only kernel turns every weight back into a float before multiplying, which
+on a CPU costs more than reading it: a one-token step of the default model spends most of its time
+there. This kernel quantizes the activations too (8 bits per block of 64, scaled per block) and
+multiplies bytes by bytes, 64 products an instruction, which leaves the step bound by reading the
+weights. It is built once with the C++ compiler torch's extensions use (about a minute; cached in
+the model cache folder) on CPUs that have AVX512-VNNI, and is absent elsewhere (`available()`).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+BLOCK = 64  # inputs per activation scale (one VNNI instruction)
+_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+_LOCK = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "error": why it is not available
+
+
+def cpu_supports_vnni() -> bool:
+    """Whether this CPU has the AVX512 instructions the kernel uses (Linux: /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return all(flag in flags for flag in _FLAGS)
+
+
+def available() -> bool:
+    """Whether the kernel can run here; builds and loads it on the first call."""
+    with _LOCK:
+        if "ok" not in _state:
+            _state["ok"], _state["error"] = _load()
+        return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return None if _state.get("ok", True) else str(_state.get("error"))
+
+
+def _load() -> tuple[bool, str | None]:
+    if not cpu_supports_vnni():
+        return False, "the CPU has no AVX512-VNNI"
+    try:
+        from torch.utils import cpp_extension
+
+        from .base_model import cache_dir
+
+        build = cache_dir() / "kernels" / f"int8_linear-torch{torch.__version__.replace('+', '_')}"
+        build.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
+        cpp_extension.load(
+            name="lckv_int8_linear", sources=[str(Path(__file__).with_name("int8_kernel.cpp"))],
+            extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build),
+            is_python_module=False, verbose=False,
+        )
+    except Exception as error:  # no compiler or ninja (a slim container): torch's kernel serves
+        return False, f"the kernel could not be built: {str(error)[:200]}"
+    _register_fake()
+    return True, None
+
+
+def _register_fake() -> None:
+    """The op's output shape for the compiler (TorchInductor traces it without running it)."""
+    @torch.library.register_fake("lckv::int8_linear")
+    def _(x, weight, scale, block_sums):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def block_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """128 x the sum of each block of 64 weights [N, K / 64] (float32): what the kernel's unsigned
+    activation offset adds to each block's products."""
+    rows, columns = qweight.shape
+    return 128 * qweight.view(rows, columns // BLOCK, BLOCK).sum(-1, dtype=torch.int32).float()
+
+
+def fits(in_features: int) -> bool:
+    """Whether the kernel takes a weight with this many inputs (whole blocks of 64)."""
+    return in_features % BLOCK == 0

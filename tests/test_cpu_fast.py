@@ -1,0 +1,123 @@
+"""The CPU fast path as the engine runs it: chosen by default on a CPU and turned off by
+LCKV_CPU_FAST=0, one quantized copy per model (the float model untouched), named in the panel, the
+same greedy tokens as the float model on a fixed prompt set (within the agreement stated below), and
+batched rows like each row alone. Compiling is tested apart (LCKV_COMPILE_TESTS=1): it takes a
+minute on two cores."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from app_support.tiny import tiny_model
+from lckv_stream import cla_map
+from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
+from lckv_stream.cpu_fast import CompiledCPUDecoder, cpu_fast_model, fast_path_name
+from lckv_stream.engine import Engine, EngineSettings
+from lckv_stream.sampling import SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=16)
+PROMPTS = ["Hello!", "What is the capital of France?", "Tell me about streaming models.", "The quick brown fox",
+           "Layer-condensed caches", "How are you today?", "user assistant", "Paris."]
+
+
+def _model(vocab: int = 320):
+    return tiny_model(cla_map(4, 2), hidden_size=128, intermediate_size=256, vocab_size=vocab)
+
+
+def test_the_device_defaults_pick_the_fast_path_on_a_cpu_unless_turned_off(monkeypatch):
+    monkeypatch.setenv("LCKV_CPU_FAST", "1")
+    monkeypatch.delenv("LCKV_COMPILE", raising=False)
+    settings = EngineSettings.for_device(torch.device("cpu"))
+    assert settings.cpu_fast and settings.compile and settings.compiled_classes == (1,)
+    monkeypatch.setenv("LCKV_CPU_FAST", "0")
+    assert not EngineSettings.for_device(torch.device("cpu")).cpu_fast
+    assert not EngineSettings.for_device(torch.device("cpu")).compile
+
+
+def test_one_quantized_copy_per_model_and_the_float_model_untouched():
+    model = _model()
+    first = Engine(model, EngineSettings(max_batch=2, cpu_fast=True))
+    second = Engine(model, EngineSettings(max_batch=2, cpu_fast=True))
+    float_engine = Engine(model, EngineSettings(max_batch=2))
+    try:
+        assert first.step_model is second.step_model is cpu_fast_model(model)
+        assert first.step_model is not model and float_engine.step_model is model
+        assert isinstance(model.lm_head, torch.nn.Linear) and model.dtype == torch.float32
+    finally:
+        for engine in (first, second, float_engine):
+            engine.close()
+
+
+def _replies(model, tokenizer, engine, prompts):
+    replies, names = [], set()
+    for prompt in prompts:
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(2, 24), sampling=GREEDY, engine=engine)
+        end = next(e for e in chat.send(prompt) if isinstance(e, TurnEnd))
+        replies.append(chat.transcript[-end.metrics.new_tokens:])
+        names.add(chat.stats().decoder)
+        chat.close()
+    return replies, names
+
+
+def test_greedy_replies_agree_with_the_float_model(tokenizer):
+    """8 prompts x 16 greedy tokens through the engine, past the cache bound (26 slots). A random
+    tiny model has flat logits (top-2 margins often below the int8 error), so a reply may leave
+    the float one after a near tie: every reply's first tokens, and most replies whole, agree."""
+    model = _model(len(tokenizer))
+    fast = Engine(model, EngineSettings(max_batch=2, cpu_fast=True))
+    exact = Engine(model, EngineSettings(max_batch=2))
+    try:
+        got, names = _replies(model, tokenizer, fast, PROMPTS)
+        want, _ = _replies(model, tokenizer, exact, PROMPTS)
+    finally:
+        fast.close()
+        exact.close()
+    assert names == {fast_path_name()}
+    same = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w))) for g, w in zip(got, want)]
+    identical = sum(g == w for g, w in zip(got, want))
+    assert min(same) >= 2 and identical >= len(PROMPTS) // 2, (same, identical)
+
+
+def test_batched_rows_decode_as_each_row_alone():
+    """Four rows stepped together against each row stepped alone, on the fast path's model: the
+    products quantize each row on its own, so only the float order of attention may differ."""
+    model = cpu_fast_model(_model())
+    batch = model.new_cache(2, 12, batch_size=4)
+    singles = [model.new_cache(2, 12) for _ in range(4)]
+    prompts = torch.randint(0, 320, (4, 7), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = model(prompts, batch, logits_to_keep=1).logits[:, -1]
+        want = torch.cat([model(prompts[i : i + 1], c, logits_to_keep=1).logits[:, -1] for i, c in enumerate(singles)])
+        for _ in range(20):  # past the cache bound (14 slots)
+            torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+            token = want.argmax(-1)
+            got = model(token.view(4, 1), batch, logits_to_keep=1).logits[:, -1]
+            want = torch.cat([model(token[i].view(1, 1), c, logits_to_keep=1).logits[:, -1]
+                              for i, c in enumerate(singles)])
+
+
+@pytest.mark.skipif(os.environ.get("LCKV_COMPILE_TESTS") != "1", reason="compiles a step (about a minute on "
+                    "two cores): run with LCKV_COMPILE_TESTS=1")
+def test_the_side_compiled_step_replaces_the_eager_one_and_matches_it(tokenizer):
+    """The engine compiles batch 1 on its side compiler, installs it, and names it; the compiled step
+    gives the eager quantized step's logits."""
+    model = tiny_model(cla_map(2, 2), num_layers=2, hidden_size=64, intermediate_size=128, vocab_size=len(tokenizer))
+    engine = Engine(model, EngineSettings(max_batch=2, cpu_fast=True, compile=True, compiled_classes=(1,)))
+    try:
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(2, 24), sampling=GREEDY, engine=engine)
+        eager = next(e for e in chat.send("Hello there") if isinstance(e, TurnEnd)).reply
+        assert "compiling on the side" in chat.stats().decoder
+        started = time.monotonic()
+        while engine.stats().compiling and time.monotonic() - started < 600:
+            time.sleep(0.5)
+        chat.clear()
+        compiled = next(e for e in chat.send("Hello there") if isinstance(e, TurnEnd)).reply
+        assert chat.stats().decoder == f"{fast_path_name()}, compiled"
+        assert engine.stats().counters.compiles_finished == 1
+        bucket = next(iter(engine._buckets.values()))
+        assert isinstance(bucket.decoder(1), CompiledCPUDecoder)
+        assert compiled == eager
+    finally:
+        engine.close()
