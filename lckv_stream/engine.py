@@ -213,7 +213,6 @@ class _Step:
     """A batched step queued on the device: its rows' jobs, in row order, and where its tokens land
     (a pinned host buffer and an event on CUDA; the list itself elsewhere)."""
 
-    bucket: Bucket
     jobs: list
     tokens: object
     ready: object
@@ -695,9 +694,9 @@ class Engine:
                 host.copy_(tokens, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
-                step = _Step(bucket, jobs, host, ready)
+                step = _Step(jobs, host, ready)
             else:
-                step = _Step(bucket, jobs, tokens.tolist(), None)
+                step = _Step(jobs, tokens.tolist(), None)
         except torch.OutOfMemoryError:
             _release_cached_memory()
             self._fail_step(jobs, EngineError("out of memory while generating"))
