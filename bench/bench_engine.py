@@ -11,9 +11,13 @@ Parts (each prints a table and writes JSON into --out):
   start        engine start to first token, with a cold and then a warm on-disk compile cache
                (two child processes), and compiles counted on the hot path afterwards
   soak         64 conversations x --turns turns each: memory and latency per block of turns
+  host         the scheduler alone: the same conversations with a step that does no model work
+               (tokens drawn as zeros, no forward pass), so the rate is the ceiling the engine's
+               host work per step sets at each batch size (any device; `--model tiny` is enough)
 
     python -m bench.bench_engine --model random --out bench/results/engine            # GPU
     python -m bench.bench_engine --model tiny --parts concurrency --counts 1 4 --tokens 16   # CPU dry run
+    python -m bench.bench_engine --model tiny --parts host                                    # host ceiling
 """
 
 from __future__ import annotations
@@ -188,6 +192,37 @@ def part_concurrency(engine: Engine, args) -> dict:
     return {"rows": rows, "raw_step_ms": raw}
 
 
+def part_host(model, args) -> dict:
+    """Conversations through an engine whose steps skip the model: what the scheduler alone allows."""
+    engine = Engine(model, EngineSettings.for_device(model.device, compile=False, graphs=False, max_batch=64,
+                                                     overlap_steps=True, cpu_fast=False, warm_shape=(4, 1024)))
+
+    def hollow() -> None:
+        from lckv_stream.buckets import bucket_shape
+
+        bucket = engine._bucket(bucket_shape(4, 1024))
+        zeros = torch.zeros(bucket.rows + 1, dtype=torch.long, device=engine.device)
+        logits = bucket.next_logits
+        bucket._sample = lambda size, generating: zeros[:size]
+        for size in bucket.classes:
+            bucket.decoder(size).step = lambda tokens, size=size: logits[:size]
+
+    engine._call(hollow)
+    rows = []
+    for count in args.counts:
+        result = run_concurrent(engine, count, [1024], args.tokens, seed=count)
+        result["host_us_per_step"] = count / result["aggregate_tokens_per_s"] * 1e6
+        result["host_us_per_row"] = result["host_us_per_step"] / count
+        rows.append(result)
+    print("| conversations | tokens/s (no model work) | host µs per step | per row |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['conversations']} | {row['aggregate_tokens_per_s']:,.0f} | {row['host_us_per_step']:,.0f} | "
+              f"{row['host_us_per_row']:.1f} |")
+    engine.close()
+    return {"rows": rows}
+
+
 def part_resume(engine: Engine, args) -> dict:
     import psutil
 
@@ -301,7 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("random", "default", "tiny"), default="random")
     parser.add_argument("--parts", nargs="+", default=["concurrency", "resume", "start", "soak"],
-                        choices=("concurrency", "resume", "start", "soak", "start-child"))
+                        choices=("concurrency", "resume", "start", "soak", "host", "start-child"))
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per conversation")
     parser.add_argument("--open", type=int, default=1000, help="open conversations for the resume part")
@@ -317,7 +352,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
                      "model": args.model}
     engine = None
-    if set(args.parts) - {"start"}:
+    if set(args.parts) - {"start", "host"}:
         model = build_model(args.model)
         began = time.perf_counter()
         engine = Engine(model, EngineSettings.for_device(model.device, warm_shape=(4, 1024),
@@ -336,6 +371,8 @@ def main() -> None:
             results[part] = part_soak(engine, args)
         elif part == "start":
             results[part] = part_start(args)
+        elif part == "host":
+            results[part] = part_host(build_model(args.model), args)
     if engine is not None:
         results["counters"] = vars(engine.counters)
     if args.out:

@@ -10,12 +10,14 @@ the model cache folder) on CPUs that have AVX512-VNNI, and is absent elsewhere (
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
 import torch
 
 BLOCK = 64  # inputs per activation scale (one VNNI instruction)
+SOURCES = ("int8_kernel.cpp",)  # built together into one extension
 _FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": why it is not available
@@ -53,11 +55,15 @@ def _load() -> tuple[bool, str | None]:
 
         from .base_model import cache_dir
 
-        build = cache_dir() / "kernels" / f"int8_linear-torch{torch.__version__.replace('+', '_')}"
+        sources = [Path(__file__).with_name(name) for name in SOURCES]
+        # One folder per version of the sources: a changed kernel is built anew, never mixed up with
+        # an older build (or with another checkout's).
+        digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
+        build = cache_dir() / "kernels" / f"cpu-kernels-{digest}-torch{torch.__version__.replace('+', '_')}"
         build.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
         cpp_extension.load(
-            name="lckv_int8_linear", sources=[str(Path(__file__).with_name("int8_kernel.cpp"))],
+            name=f"lckv_cpu_kernels_{digest}", sources=[str(source) for source in sources],
             extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build),
             is_python_module=False, verbose=False,
         )
