@@ -171,10 +171,12 @@ def part_concurrency(engine: Engine, args) -> dict:
     same_bucket = [1024, 1000, 960, 900]
     for count in args.counts:
         rows.append(run_concurrent(engine, count, same_bucket, args.tokens, seed=count))
-    mixed = run_concurrent(engine, max(args.counts), [256, 1024, 4096, 2048], args.tokens, seed=99)
-    mixed["mixed_buckets"] = True
-    rows.append(mixed)
+    # Raw steps before the mixed run: its new buckets start compiling on the side.
     raw = {size: raw_step_ms(engine, 1024, size) for size in args.counts}
+    if args.mixed:
+        mixed = run_concurrent(engine, max(args.counts), [256, 1024, 4096, 2048], args.tokens, seed=99)
+        mixed["mixed_buckets"] = True
+        rows.append(mixed)
     for row in rows:
         if not row.get("mixed_buckets"):
             size = row["conversations"]
@@ -293,8 +295,11 @@ def part_start(args) -> dict:
 
     folder = tempfile.mkdtemp(prefix="lckv-inductor-")
     results = {}
-    for label in ("cold", "warm"):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": folder, "PYTHONUNBUFFERED": "1"}
+    for label in args.start_caches:
+        # cold: an empty compile cache; warm: the one the cold run filled (alone: the engine's own)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if "cold" in args.start_caches:
+            env["TORCHINDUCTOR_CACHE_DIR"] = folder
         command = [sys.executable, __file__, "--model", args.model, "--parts", "start-child",
                    "--compile-classes", *map(str, args.compile_classes)]
         output = subprocess.run(command, env=env, capture_output=True, text=True, timeout=590)
@@ -344,6 +349,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=500)
     parser.add_argument("--compile-classes", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--compile-timeout", type=float, default=480)
+    parser.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
+                        help="the concurrency part's run in mixed buckets (new buckets compile on the side)")
+    parser.add_argument("--start-caches", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.parts == ["start-child"]:

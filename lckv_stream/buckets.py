@@ -21,7 +21,8 @@ import torch
 
 from .cache import SinkWindowCache
 from .cpu_fast import CompiledCPUDecoder
-from .decoding import EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_step, decode_step
+from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_options_for, compile_step,
+                       decode_step)
 from .fusion import fuse_projections
 from .sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
@@ -68,7 +69,7 @@ class StepOptions:
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
-    compile_options: dict | None = None  # TorchInductor options (None: decoding.COMPILE_OPTIONS)
+    compile_options: dict | None = None  # TorchInductor options (None: decoding.compile_options_for)
     name: str | None = None  # what the eager step is called (the CPU fast path: "CPU, int8")
 
 
@@ -420,7 +421,8 @@ class SideCompiler:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=size)
             scratch.attention_backend = bucket.decoder(size).cache.attention_backend
-            function = compile_step(bucket.options.compile_options)
+            options = bucket.options.compile_options
+            function = compile_step(compile_options_for(size) if options is None else options)
             tokens = torch.zeros(size, 1, dtype=torch.long, device=scratch.device)
             with torch.inference_mode():
                 for _ in range(2):

@@ -23,6 +23,14 @@ from .fusion import fuse_projections
 # one-row matrix product (batch 1) as a reduction it fuses with the norm before it and the activation
 # after: fewer, fuller kernels than one cuBLAS call per projection (measured in bench/RESULTS.md).
 COMPILE_OPTIONS: dict = {"coordinate_descent_tuning": True}
+# With more rows the products go to cuBLAS whatever the options; tuning the other kernels made a
+# compile 40% longer (115 against 80 s at batch 1), for every batch size class.
+BATCHED_COMPILE_OPTIONS: dict = {}
+
+
+def compile_options_for(batch: int) -> dict:
+    """The TorchInductor options of the step for `batch` rows."""
+    return COMPILE_OPTIONS if batch == 1 else BATCHED_COMPILE_OPTIONS
 
 
 def decode_step(model, token_ids: torch.Tensor, cache: SinkWindowCache) -> torch.Tensor:

@@ -16,6 +16,7 @@ Rows join and leave between steps; Stop ends one row's job at the next step with
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import secrets
@@ -38,6 +39,10 @@ MB = 2**20
 # A row generates at most this many tokens ahead of its owner: a stalled reader pauses its row
 # instead of letting it run to max_new_tokens unseen.
 RUN_AHEAD = 16
+# A generating row's owner is woken at most every WAKE_MS_PER_ROW x (rows in the step) ms: with one
+# row at every token, with 64 about every 16 ms (its tokens then arrive a few at a time). Waking 64
+# owners at every step costs the engine's thread more than a compiled GPU step takes.
+WAKE_MS_PER_ROW = 0.25
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,20 @@ class EngineError(RuntimeError):
 
 
 class JobStream:
-    """Events of one job from the engine's thread to its owner's: iterate to receive them."""
+    """Events of one job from the engine's thread to its owner's: iterate to receive them.
+
+    Waking a waiting owner costs the engine's thread far more than handing it an event (a thread
+    switch, and the interpreter lock handed over and back), and with many rows that cost would be
+    paid once per row per step. So the engine wakes an owner at most once per `wake_interval`
+    seconds while it generates (`put` returns False when it held the wake back; the engine then
+    calls `wake_if_due` until it is delivered); a woken owner takes every event waiting. The first
+    event and the end are delivered at once."""
 
     def __init__(self) -> None:
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._events: collections.deque = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._last_wake = 0.0
+        self._held = False  # events put that no wake has covered yet
         self.reason: str | None = None  # set when the job ends
         self.error: Exception | None = None
         self._sent = 0
@@ -159,22 +174,54 @@ class JobStream:
         """Events sent that the owner has not taken yet."""
         return self._sent - self._taken
 
-    def put(self, event) -> None:
+    def put(self, event, now: float | None = None, wake_interval: float = 0.0) -> bool:
+        """Hand the owner an event; False when its wake was held back (call `wake_if_due`)."""
         self._sent += 1
-        self._events.put(event)
+        self._events.append(event)
+        now = time.perf_counter() if now is None else now
+        if self._sent > 1 and now - self._last_wake < wake_interval:
+            self._held = True
+            return False
+        self._wake(now)
+        return True
+
+    def wake_if_due(self, now: float, wake_interval: float) -> bool:
+        """Deliver held events once the interval has passed; True when nothing is held any more."""
+        if not self._held:
+            return True
+        if now - self._last_wake < wake_interval:
+            return False
+        self._wake(now)
+        return True
+
+    def _wake(self, now: float) -> None:
+        self._held = False
+        self._last_wake = now
+        with self._ready:  # the owner checks for events under this lock before it waits
+            self._ready.notify()
 
     def end(self, reason: str) -> None:
         self.reason = reason
-        self._events.put(_END)
+        self._finish()
 
     def fail(self, error: Exception) -> None:
         self.error = error
         self.reason = "error"
-        self._events.put(_END)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._events.append(_END)
+        with self._ready:
+            self._held = False
+            self._ready.notify()
 
     def __iter__(self) -> Iterator:
         while True:
-            event = self._events.get()
+            if not self._events:
+                with self._ready:
+                    while not self._events:
+                        self._ready.wait()
+            event = self._events.popleft()
             if event is _END:
                 if self.error is not None:
                     raise self.error
@@ -247,6 +294,7 @@ class Engine:
         self._prefills: list[_Prefill] = []
         self._waiting: list = []  # jobs that wait for a device row
         self._in_flight: list[_Step] = []  # steps queued on the device whose tokens are not read yet
+        self._held: dict[JobStream, float] = {}  # streams whose owner's wake is held back: interval
         self._steps = 0
         self._tokens = 0
         self._last_housekeeping = time.monotonic()
@@ -438,9 +486,13 @@ class Engine:
         if time.monotonic() - self._last_housekeeping > 1.0:
             self._finish_all()
             self._housekeeping()
+        if self._held:
+            now = time.perf_counter()
+            self._held = {stream: interval for stream, interval in self._held.items()
+                          if not stream.wake_if_due(now, interval)}
 
     def _busy(self) -> bool:
-        return bool(self._in_flight or self._prefills or self._waiting or any(isinstance(r.job, _Generate) for r in list(self._rows)))
+        return bool(self._in_flight or self._prefills or self._waiting or self._held or any(isinstance(r.job, _Generate) for r in list(self._rows)))
 
     def _receive(self, block: bool) -> None:
         try:
@@ -727,6 +779,7 @@ class Engine:
             tokens = step.tokens
         now = time.perf_counter()
         self._steps += 1
+        interval = WAKE_MS_PER_ROW * 1e-3 * len(step.jobs)
         for job, token in zip(step.jobs, tokens):
             job.in_flight -= 1
             if job.row.job is not job:  # ended in an earlier step: this row was not stepped
@@ -736,7 +789,8 @@ class Engine:
             row.seen += 1
             row.draws += 1
             job.tokens.append(token)
-            job.stream.put((token, (now - job.last) * 1e3))
+            if not job.stream.put((token, (now - job.last) * 1e3), now, interval):
+                self._held[job.stream] = interval
             job.last = now
             if token in job.stop_ids:
                 self._end(job, "eos")

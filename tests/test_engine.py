@@ -15,7 +15,8 @@ import torch
 
 from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
-from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings
+import lckv_stream.engine as engine_module
+from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings, JobStream
 from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
 STOP_IDS = frozenset({2})
@@ -142,6 +143,48 @@ def test_conversations_decoded_together_get_exactly_what_each_gets_alone(layer_t
     assert stats.tokens > stats.steps * 1.5, "the conversations were not batched"
     assert len(stats.buckets) == 2  # windows 24..100 share one shape; 300 has its own
     engine.close()
+
+
+def test_owners_woken_only_now_and_then_still_get_every_token_exactly(monkeypatch):
+    # Every owner's wake held back for 20 ms x rows: tokens reach owners in bursts, a paused row
+    # (run-ahead) must still be woken, and nothing may change in what each conversation gets.
+    monkeypatch.setattr(engine_module, "WAKE_MS_PER_ROW", 20.0)
+    held = []
+    put = JobStream.put
+
+    def counting_put(self, *args, **kwargs):
+        delivered = put(self, *args, **kwargs)
+        held.append(not delivered)
+        return delivered
+
+    monkeypatch.setattr(JobStream, "put", counting_put)
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16, overlap_steps=True))
+    conversations = specs()
+    got = together(engine, conversations, chunk=16)
+    for spec, (replies, _) in zip(conversations, got):
+        stopped_at = None if spec.stop_after is None else len(replies[0])
+        assert replies == reference(model, spec, chunk=16, stopped_at=stopped_at)[0], f"seed {spec.seed}"
+    assert sum(held) > len(held) / 4, "the wakes were not held back: this test did not test that"
+    assert 3 <= len(got[5][0][0]) <= 3 + RUN_AHEAD + 1
+    engine.close()
+
+
+def test_a_stream_delivers_held_events_once_due_and_its_end_at_once():
+    stream = JobStream()
+    received = []
+    owner = threading.Thread(target=lambda: received.extend(stream))
+    owner.start()
+    now = time.perf_counter()
+    assert stream.put("first", now, wake_interval=10.0)  # the first event: at once
+    assert not stream.put("second", now + 1.0, wake_interval=10.0)  # held back
+    assert not stream.wake_if_due(now + 5.0, 10.0)
+    assert stream.wake_if_due(now + 11.0, 10.0)
+    assert not stream.put("third", now + 12.0, wake_interval=10.0)
+    stream.end("eos")  # the end wakes the owner whatever is held
+    owner.join(timeout=5)
+    assert not owner.is_alive() and received == ["first", "second", "third"] and stream.reason == "eos"
+    assert stream.backlog == 0
 
 
 def test_a_conversation_alone_in_the_engine_equals_it_in_a_crowd():
