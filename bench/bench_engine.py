@@ -166,11 +166,19 @@ def raw_step_ms(engine: Engine, window: int, size: int, steps: int = 200) -> flo
     return engine._call(measure)
 
 
+def step_name(engine: Engine, window: int, rows: int) -> str:
+    """What runs the step of `rows` generating rows in that window's bucket (compiled or not)."""
+    from lckv_stream.buckets import batch_class, bucket_shape
+
+    return engine._call(lambda: engine._bucket(bucket_shape(4, window)).decoder_name(batch_class(rows)))
+
+
 def part_concurrency(engine: Engine, args) -> dict:
     rows = []
     same_bucket = [1024, 1000, 960, 900]
     for count in args.counts:
         rows.append(run_concurrent(engine, count, same_bucket, args.tokens, seed=count))
+        rows[-1]["decoder"] = step_name(engine, 1024, count)
     # Raw steps before the mixed run: its new buckets start compiling on the side.
     raw = {size: raw_step_ms(engine, 1024, size) for size in args.counts}
     if args.mixed:
@@ -184,13 +192,14 @@ def part_concurrency(engine: Engine, args) -> dict:
             row["raw_tokens_per_s"] = size / raw[size] * 1e3
             row["engine_over_raw"] = row["aggregate_tokens_per_s"] / row["raw_tokens_per_s"]
     print("| conversations | buckets | aggregate tok/s | per-stream ms/token | raw step ms | engine / raw | "
-          "TTFT joining under load | GPU MB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "TTFT joining under load | GPU MB | step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['conversations']} | {'mixed ' + str(row['windows']) if row.get('mixed_buckets') else 'one'} | "
               f"{row['aggregate_tokens_per_s']:,.0f} | {row['per_stream_ms_per_token']:.3f} | "
               f"{row.get('raw_step_ms', float('nan')):.3f} | {row.get('engine_over_raw', float('nan')):.2f} | "
-              f"{row['ttft_ms_joining_under_load'] or row['ttft_ms_alone'] or 0:.1f} ms | {row['gpu_mb'] or 0:,.0f} |")
+              f"{row['ttft_ms_joining_under_load'] or row['ttft_ms_alone'] or 0:.1f} ms | {row['gpu_mb'] or 0:,.0f} | "
+              f"{row.get('decoder', '')} |")
     return {"rows": rows, "raw_step_ms": raw}
 
 
