@@ -11,6 +11,8 @@ Parts (each prints a table and writes JSON into --out):
   start        engine start to first token, with a cold and then a warm on-disk compile cache
                (two child processes), and compiles counted on the hot path afterwards
   soak         64 conversations x --turns turns each: memory and latency per block of turns
+  profile      where a step's time goes: kernels on the device against wall time per step, with
+               1 and 64 conversations generating (torch.profiler over a window mid-run)
   host         the scheduler alone: the same conversations with a step that does no model work
                (tokens drawn as zeros, no forward pass), so the rate is the ceiling the engine's
                host work per step sets at each batch size (any device; `--model tiny` is enough)
@@ -234,6 +236,45 @@ def part_host(model, args) -> dict:
     return {"rows": rows}
 
 
+def part_profile(engine: Engine, args) -> dict:
+    """Device kernel time against wall time per engine step, mid-run, at each of --profile-counts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    rows = []
+    for count in args.profile_counts:
+        # Long enough replies that the window falls mid-run.
+        runner = threading.Thread(target=run_concurrent, args=(engine, count, [1024], max(args.tokens, 1000), count))
+        runner.start()
+        started = time.perf_counter()
+        while engine.stats().generating < count and time.perf_counter() - started < 60:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        steps_before, began = engine.stats().steps, time.perf_counter()
+        with profile(activities=activities) as prof:
+            time.sleep(0.3)
+        wall, steps = time.perf_counter() - began, engine.stats().steps - steps_before
+        runner.join()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        names: dict[str, float] = {}
+        for e in kernels:
+            names[e.name] = names.get(e.name, 0.0) + e.time_range.elapsed_us()
+        top = sorted(names.items(), key=lambda item: -item[1])[:8]
+        rows.append({"conversations": count, "steps": steps, "wall_ms_per_step": wall * 1e3 / max(steps, 1),
+                     "kernel_ms_per_step": busy_us / 1e3 / max(steps, 1), "kernels_per_step": len(kernels) / max(steps, 1),
+                     "top_kernels_ms_per_step": {name[:80]: us / 1e3 / max(steps, 1) for name, us in top}})
+    print("| conversations | wall ms per step | device kernels ms per step | kernels per step |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['conversations']} | {row['wall_ms_per_step']:.3f} | {row['kernel_ms_per_step']:.3f} | "
+              f"{row['kernels_per_step']:.0f} |")
+        for name, ms in row["top_kernels_ms_per_step"].items():
+            print(f"|   | {name} | {ms:.3f} | |")
+    return {"rows": rows}
+
+
 def part_resume(engine: Engine, args) -> dict:
     import psutil
 
@@ -350,8 +391,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("random", "default", "tiny"), default="random")
     parser.add_argument("--parts", nargs="+", default=["concurrency", "resume", "start", "soak"],
-                        choices=("concurrency", "resume", "start", "soak", "host", "start-child"))
+                        choices=("concurrency", "resume", "start", "soak", "host", "profile", "start-child"))
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--profile-counts", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per conversation")
     parser.add_argument("--open", type=int, default=1000, help="open conversations for the resume part")
     parser.add_argument("--soak-conversations", type=int, default=64)
@@ -388,13 +430,15 @@ def main() -> None:
             results[part] = part_soak(engine, args)
         elif part == "start":
             results[part] = part_start(args)
+        elif part == "profile":
+            results[part] = part_profile(engine, args)
         elif part == "host":
             results[part] = part_host(build_model(args.model), args)
-    if engine is not None:
-        results["counters"] = vars(engine.counters)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "engine.json").write_text(json.dumps(results, indent=1, default=str))
+        if engine is not None:
+            results["counters"] = vars(engine.counters)
+        if args.out:  # after every part: a run cut short keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "engine.json").write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

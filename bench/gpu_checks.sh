@@ -6,10 +6,10 @@
 #           the eager sampler, two sessions at once against each alone); about 7 minutes
 #   speed : the sampler on the GPU, and time to first token with eager prefill (c) against prefill
 #           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
-#   engine       : the serving engine with compiled steps (classes 1, 8, 32, 64, compiled cold), the
-#                  scheduler's ceiling, 1-64 conversations against the raw step; about 9 minutes
-#   engine-warm  : right after `engine` on the same machine (its compile cache): engine start to
-#                  first token with that cache, and 64 conversations x 500 turns; about 6 minutes
+#   engine : the serving engine with compiled steps (classes 1, 8, 32, 64; compiled cold, about 5
+#            minutes), the scheduler's ceiling, 1-64 conversations against the raw step, a profile of
+#            the steps, 64 conversations x 500 turns, then a restart with the compile cache it
+#            filled; about 10 minutes (JSON written after each part)
 set -euo pipefail
 # The repository root on the path: the benchmarks import lckv_stream from the checkout.
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -24,15 +24,12 @@ case "${1:-}" in
     python3 bench/bench_decode.py --out "$out/ttft" --variants c_ours_eager d_ours_graph --lengths 1024 --batches 1
     ;;
   engine)
-    python3 -m bench.bench_engine --model random --parts host concurrency --no-mixed \
-      --compile-classes 1 8 32 64 --compile-timeout 450 --out "$out/engine_compiled"
-    ;;
-  engine-warm)
-    python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
-      --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_warm"
+    python3 -m bench.bench_engine --model random --parts host concurrency profile soak start --no-mixed \
+      --start-caches warm --compile-classes 1 8 32 64 --compile-timeout 400 --turns 500 \
+      --out "$out/engine_compiled"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-warm" >&2
+    echo "usage: bash bench/gpu_checks.sh tests|speed|engine" >&2
     exit 2
     ;;
 esac

@@ -293,6 +293,9 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._prefills: list[_Prefill] = []
         self._waiting: list = []  # jobs that wait for a device row
+        # Whether admitting a waiting job could succeed now: a job arrived, or one ended or a row was
+        # freed since the last try. Trying drains the queued steps, so it is not done at every step.
+        self._admission_changed = False
         self._in_flight: list[_Step] = []  # steps queued on the device whose tokens are not read yet
         self._held: dict[JobStream, float] = {}  # streams whose owner's wake is held back: interval
         self._steps = 0
@@ -473,7 +476,8 @@ class Engine:
             self._compiler.install_ready(self.counters)
             for bucket in list(self._buckets.values()):
                 bucket.upgrade()
-        if self._waiting:
+        if self._waiting and self._admission_changed:
+            self._admission_changed = False
             self._finish_all()  # admitting may move or offload rows
             self._admit_waiting()
         queued = self._in_flight
@@ -510,6 +514,7 @@ class Engine:
         if isinstance(item, tuple):
             function, future = item
             self._finish_all()  # a command sees every step's tokens handed out
+            self._admission_changed = True  # it may have freed or moved rows
             try:
                 future.set_result(function())
             except BaseException as error:  # handed to the caller's thread
@@ -518,6 +523,7 @@ class Engine:
             item.stream.fail(EngineError("the engine is closed"))
         else:
             self._waiting.append(item)
+            self._admission_changed = True
 
     # ---- residency ----------------------------------------------------------------------------
     def _bucket(self, shape: tuple[int, int]) -> Bucket:
@@ -566,6 +572,7 @@ class Engine:
         self._enforce_host_budget()
 
     def _free_device_row(self, row: Row) -> None:
+        self._admission_changed = True
         if row.bucket is not None:
             row.bucket.occupant[row.index] = None
             row.bucket, row.index = None, None
@@ -706,6 +713,7 @@ class Engine:
 
     def _end(self, job, reason: str | None = None, error: Exception | None = None) -> None:
         row = job.row
+        self._admission_changed = True
         if isinstance(job, _Generate) and row.bucket is not None:
             row.bucket.stop_generating(row.index)
         row.job = None
