@@ -2,6 +2,8 @@
 # scripts/check_dockerfile.py replays these steps without Docker: keep container paths under $HOME.
 FROM python:3.11-slim
 
+# A C++ compiler: the CPU fast path builds its VNNI kernel and compiles its decode step with it.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 user
 USER user
 ENV HOME=/home/user
