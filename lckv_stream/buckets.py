@@ -24,11 +24,11 @@ from .cpu_fast import CompiledCPUDecoder
 from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_options_for, compile_step,
                        decode_step)
 from .fusion import fuse_projections
-from .sampling import RowSampling, SamplingSettings, sample_rows, width_of
+from .sampling import RowSampling, SamplingSettings, sample_rows, seed_hash, width_of
 
 BATCH_CLASSES = (1, 2, 4, 8, 16, 32, 64)
 _SAMPLING_FIELDS = {"temperature": torch.float32, "top_p": torch.float32, "repetition_penalty": torch.float32,
-                    "seeds": torch.long, "draws": torch.long}
+                    "seed_hashes": torch.long, "draws": torch.long}
 MIN_SINK, MIN_WINDOW = 16, 256
 STOP_SLOTS = 8  # stop tokens a generating row may have
 
@@ -275,7 +275,7 @@ class Bucket:
         params.temperature[index] = settings.temperature
         params.top_p[index] = settings.top_p
         params.repetition_penalty[index] = settings.repetition_penalty
-        params.seeds[index] = seed
+        params.seed_hashes[index] = seed_hash(seed)
         params.draws[index] = draws
         width = width_of(settings, self.next_logits.shape[-1])
         self._widths[index] = width

@@ -126,17 +126,38 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def draw_noise(seeds: torch.Tensor, draws: torch.Tensor, width: int) -> torch.Tensor:
-    """Exp(1) noise [batch, width] for each row's `draws`-th draw from its own `seeds` [batch].
+_HASH_START = 0x9E3779B9
+
+
+def _mix32_int(x: int) -> int:
+    """`_mix32` on a Python int (exact: Python ints do not overflow)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def seed_hash(seed: int) -> int:
+    """The noise hash's state after a row's seed (its two 32-bit halves, as int64 stores them): the
+    part of every draw's hash that depends on the seed alone, computed once per row on the host."""
+    seed = (seed + 2**63) % 2**64 - 2**63  # the int64 the seed is stored as
+    h = _HASH_START
+    for part in (seed & _M32, (seed >> 32) & _M32):
+        h = _mix32_int(h ^ part)
+    return h
+
+
+def draw_noise(seed_hashes: torch.Tensor, draws: torch.Tensor, width: int) -> torch.Tensor:
+    """Exp(1) noise [batch, width] for each row's `draws`-th draw from its own seed (`seed_hash`) [batch].
 
     Counter-based: a row's draws depend on its seed and count alone, never on the rows it is batched
     with or on the order of other work, and computing them is a few elementwise kernels a CUDA graph
     can replay (a torch.Generator per row would cost a launch per row per token)."""
-    seeds, draws = seeds.view(-1, 1), draws.view(-1, 1)
-    h = torch.full_like(seeds, 0x9E3779B9)
-    for part in (seeds & _M32, (seeds >> 32) & _M32, draws & _M32, (draws >> 32) & _M32):
+    h, draws = seed_hashes.view(-1, 1), draws.view(-1, 1)
+    for part in (draws & _M32, (draws >> 32) & _M32):
         h = _mix32(h ^ part)
-    h = _mix32(h ^ torch.arange(width, device=seeds.device).view(1, -1))
+    h = _mix32(h ^ torch.arange(width, device=draws.device).view(1, -1))
     uniform = (h.double() + 0.5) / 2.0**32  # in (0, 1): never 0, never 1
     return (-torch.log(uniform)).float()
 
@@ -148,7 +169,7 @@ class RowSampling:
     temperature: torch.Tensor
     top_p: torch.Tensor
     repetition_penalty: torch.Tensor
-    seeds: torch.Tensor
+    seed_hashes: torch.Tensor  # `seed_hash` of each row's seed
     draws: torch.Tensor
 
     @classmethod
@@ -160,7 +181,7 @@ class RowSampling:
         return cls(column([s.temperature for s in settings], torch.float32),
                    column([s.top_p for s in settings], torch.float32),
                    column([s.repetition_penalty for s in settings], torch.float32),
-                   column(seeds, torch.long), column(draws, torch.long))
+                   column([seed_hash(seed) for seed in seeds], torch.long), column(draws, torch.long))
 
 
 def width_of(settings: SamplingSettings, vocab_size: int) -> int:
@@ -195,7 +216,7 @@ def sample_rows(
     # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
     probs = probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0), 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
-    noise = draw_noise(rows.seeds, rows.draws, width)
+    noise = draw_noise(rows.seed_hashes, rows.draws, width)
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
     return torch.where(rows.temperature > 0, ids.gather(1, choice).squeeze(1), greedy)
 

@@ -85,3 +85,33 @@ def test_the_same_noise_gives_the_same_token():
     first = sample_next(logits, settings, torch.Generator().manual_seed(5))
     noise = torch.empty(4, candidate_count(settings, 300)).exponential_(generator=torch.Generator().manual_seed(5))
     assert torch.equal(sample_with_noise(logits, settings, noise), first)
+
+
+def reference_noise(seed: int, draw: int, width: int) -> list[float]:
+    """The counter-based noise written out per element on Python ints: Wellons' lowbias32 over the
+    seed's and the draw count's 32-bit halves, then the column; Exp(1) from the 32-bit value."""
+    import math
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    seed %= 2**64  # int64's two's complement bits
+    h = 0x9E3779B9
+    for part in (seed % 2**32, seed >> 32, draw % 2**32, draw >> 32):
+        h = mix(h ^ part)
+    return [float(torch.tensor(-math.log((mix(h ^ column) + 0.5) / 2**32), dtype=torch.float32))
+            for column in range(width)]
+
+
+def test_batched_noise_is_the_hash_of_each_rows_seed_and_draw():
+    from lckv_stream.sampling import draw_noise, seed_hash
+
+    seeds = [0, 1, 12345, 2**62 + 7, -3, -(2**63)]
+    draws = [0, 1, 77, 2**32 + 5, 3, 2**40]
+    noise = draw_noise(torch.tensor([seed_hash(s) for s in seeds]), torch.tensor(draws), 37)
+    for row, (seed, draw) in enumerate(zip(seeds, draws)):
+        assert noise[row].tolist() == reference_noise(seed, draw, 37), f"seed {seed}, draw {draw}"
