@@ -48,7 +48,7 @@ def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> Non
         final = job.outputs()[-1]
         tokens += final[NUMBERS]["last_turn"]["new_tokens"]
         chat = final[0]
-    out.update(tokens=tokens, chat=chat, ended=time.perf_counter())
+    out.update(tokens=tokens, chat=chat, ended=time.perf_counter(), numbers=final[NUMBERS])
 
 
 def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict:
@@ -65,7 +65,21 @@ def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict
         others = [other for other in names if other != name and other in said]
         assert name in said and not others, f"{name}'s conversation holds {others}"
     tokens = sum(r["tokens"] for r in results)
-    return {"users": users, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    return {"users": users, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "steps": sorted({r["numbers"]["decoder"] for r in results})}
+
+
+def warm_up(url: str, timeout_s: float) -> float:
+    """Short turns until the app's engine has no step compiling on the side (a compile competes with
+    the decoding for the same cores); returns the seconds waited."""
+    began = time.perf_counter()
+    while True:
+        out: dict = {}
+        user(url, "warm", 1, 8, out)
+        compiling = out["numbers"]["engine"]["compiling"]
+        if not compiling or time.perf_counter() - began > timeout_s:
+            return time.perf_counter() - began
+        time.sleep(5.0)
 
 
 def main() -> None:
@@ -75,16 +89,20 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile-timeout", type=float, default=900,
+                        help="seconds to wait for the engine's steps to compile before measuring")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     log = Path(tempfile.mkdtemp()) / "app.log"
     rows = []
     with serve_subprocess({"LCKV_MODEL": args.model, "LCKV_MAX_GENERATIONS": str(max(args.users))}, log, 600) as url:
-        run(url, 1, 1, 8, "warm")  # first reply: caches, buckets
+        waited = warm_up(url, args.compile_timeout)  # caches, buckets, compiled steps
+        print(f"warm after {waited:.0f} s", flush=True)
         for repeat in range(args.repeats):
             for users in [1, *args.users]:
                 rows.append(run(url, users, args.turns, args.max_new_tokens, f"{repeat}"))
-                print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+                print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s ({'; '.join(rows[-1]['steps'])})",
+                      flush=True)
     alone = statistics.median(r["tokens_per_s"] for r in rows if r["users"] == 1)
     print(f"\nModel {args.model}; {args.turns} turns of {args.max_new_tokens} new tokens per user; "
           f"medians of {args.repeats} interleaved runs")
