@@ -47,44 +47,17 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def quantize(weight: torch.Tensor, group_size: int, refinements: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`weight` [N, K] -> (q [N, K] uint8 in [0, 15], scale, minimum [N, K / group_size] float16).
-
-    Min-max per group first, then `refinements` rounds of least squares: the scale and minimum
-    that fit the group's weights best for its current q, and q rounded again against them (each
-    round can only lower the group's squared error). q is rounded against the float16 scale and
-    minimum the kernel will read."""
+def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` [N, K] -> (q [N, K] uint8 in [0, 15], scale, minimum [N, K / group_size] float16),
+    min-max per group. q is rounded against the float16 scale and minimum the kernel will read."""
     rows, columns = weight.shape
     groups = weight.detach().float().view(rows, columns // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale, minimum = (high - low) / 15, low
-    q, error = _rounded(groups, scale, minimum)
-    for _ in range(refinements):
-        qf = q.float()
-        mean_q, mean_w = qf.mean(-1), groups.mean(-1)
-        spread = (qf * qf).mean(-1) - mean_q * mean_q
-        fit_scale = ((qf * groups).mean(-1) - mean_q * mean_w) / spread.clamp(min=1e-12)
-        fit_scale = torch.where(spread > 0, fit_scale, scale)
-        fit_minimum = mean_w - fit_scale * mean_q
-        fit_q, fit_error = _rounded(groups, fit_scale, fit_minimum)
-        better = fit_error < error  # per group: keep whichever fits better
-        scale, minimum = torch.where(better, fit_scale, scale), torch.where(better, fit_minimum, minimum)
-        q, error = torch.where(better[..., None], fit_q, q), torch.minimum(fit_error, error)
-    scale16, minimum16 = _halves(scale, minimum)
-    return q.view(rows, columns), scale16, minimum16
-
-
-def _halves(scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return scale.clamp(min=0).half(), minimum.half()
-
-
-def _rounded(groups: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q for `groups` against the float16 rounding of (scale, minimum), and each group's squared error."""
-    scale16, minimum16 = (t.float() for t in _halves(scale, minimum))
-    step = scale16.clamp(min=torch.finfo(torch.float16).tiny)  # a constant group: every q is 0
-    q = torch.round((groups - minimum16[..., None]) / step[..., None]).clamp(0, 15)
-    error = (q * scale16[..., None] + minimum16[..., None] - groups).pow(2).sum(-1)
-    return q.to(torch.uint8), error
+    minimum = low.half()
+    scale = ((high - minimum.float()) / 15).half()
+    step = scale.float().clamp(min=torch.finfo(torch.float16).tiny)  # a constant group: every q is 0
+    q = torch.round((groups - minimum.float()[..., None]) / step[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(rows, columns), scale, minimum
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
