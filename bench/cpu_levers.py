@@ -39,15 +39,28 @@ VARIANTS: dict[str, dict] = {
     "int8 (torch kernel), bf16 + compile": {"quant": "int8-torch", "dtype": "bfloat16", "compile": True},
     "int8 VNNI, fp32 + compile": {"quant": "int8", "compile": True},
     "int8 VNNI, bf16 + compile": {"quant": "int8", "dtype": "bfloat16", "compile": True},
+    "int4-g32 VNNI, fp32": {"quant": "int4-g32"},
+    "int4-g64 VNNI, fp32": {"quant": "int4-g64"},
+    "int4-g32 VNNI, head int4, fp32": {"quant": "int4-g32-head4"},
+    "int4-g32 MLP VNNI, fp32": {"quant": "int4-g32-attn8"},
+    "int4-g32 VNNI, fp32 + compile": {"quant": "int4-g32", "compile": True},
+    "int4-g64 VNNI, fp32 + compile": {"quant": "int4-g64", "compile": True},
+    "int4-g32 VNNI, head int4, fp32 + compile": {"quant": "int4-g32-head4", "compile": True},
+    "int4-g32 MLP VNNI, fp32 + compile": {"quant": "int4-g32-attn8", "compile": True},
 }
 
 
 def quantization(spec: str):
+    """Settings from e.g. "int8", "int4-g32-torch" (torch's kernel), "int4-g32-head4" (the head in
+    int4 too; otherwise int8), "int4-g64-attn8" (attention projections in int8: int4 in the MLP)."""
     from lckv_stream.quantize import QuantizationSettings
 
-    spec, torch_kernel = spec.removesuffix("-torch"), spec.endswith("-torch")
-    weights, _, group = spec.partition("-g")
-    return QuantizationSettings(weights, "int8", int(group or 32), "torch" if torch_kernel else "auto")
+    parts = spec.split("-")
+    kernel = "torch" if "torch" in parts else "auto"
+    head = "int4" if "head4" in parts else "int8"
+    attention = "int8" if "attn8" in parts else None
+    group = next((int(part[1:]) for part in parts if part.startswith("g")), 32)
+    return QuantizationSettings(parts[0], head, group, kernel, attention)
 
 
 def measure(spec: dict, context: int, steps: int, batch: int) -> dict:

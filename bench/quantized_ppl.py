@@ -8,8 +8,9 @@ one process, on the same tokens; the ratio to the float32 model is what quantizi
     python bench/quantized_ppl.py --text .data/heldout.txt --out bench/results/cpu/quantized_ppl.json
 
 Variants: float32 (the reference), bf16 (the model in bfloat16), int8 (the VNNI kernel where the CPU
-has it), int8-torch (torch's weight-only kernel), int4-g32, int4-g64, ...; a `-head4` suffix also
-stores the output head in int4 (otherwise int8); a `bf16-` prefix runs the quantized model with
+has it), int8-torch (torch's weight-only kernel), int4-g32, int4-g64, ... (the VNNI int4 kernel where
+the CPU has it); a `-head4` suffix also stores the output head in int4 (otherwise int8), an `-attn8`
+suffix keeps the attention projections in int8 (int4 in the MLP only); a `bf16-` prefix runs the quantized model with
 bfloat16 activations, as the CPU fast path does (`fast` is that: the engine's own `cpu_fast_model`).
 """
 
@@ -45,13 +46,16 @@ def variant(model, name: str):
         dtype, name = torch.bfloat16, name[len("bf16"):].lstrip("-") or "float"
     if name in ("float32", "float"):
         return copy.deepcopy(model).to(dtype or torch.float32)
-    head, kernel = "int8", "auto"
-    if name.endswith("-head4"):
-        head, name = "int4", name[: -len("-head4")]
+    head, kernel, attention = "int8", "auto", None
+    if "-attn8" in name:
+        attention, name = "int8", name.replace("-attn8", "")
+    if "-head4" in name:
+        head, name = "int4", name.replace("-head4", "")
     if name.endswith("-torch"):
         kernel, name = "torch", name[: -len("-torch")]
     weights, _, group = name.partition("-g")
-    return quantized_copy(model, QuantizationSettings(weights, head, int(group or 32), kernel), dtype)
+    settings = QuantizationSettings(weights, head, int(group or 32), kernel, attention)
+    return quantized_copy(model, settings, dtype)
 
 
 def main() -> None:

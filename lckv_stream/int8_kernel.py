@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 BLOCK = 64  # inputs per activation scale (one VNNI instruction)
-SOURCES = ("int8_kernel.cpp",)  # built together into one extension
+SOURCES = ("int8_kernel.cpp", "int4_kernel.cpp")  # built together into one extension
 _FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": why it is not available

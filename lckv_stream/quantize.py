@@ -6,8 +6,8 @@ multiply. `quantize_model` stores the weights of every projection and of the out
 (one scale per output row) or 4 bits (a scale and an offset per group of input columns), fused where
 two or three products read the same input (q/k/v, gate/up). int8 products run on this project's
 AVX512-VNNI kernel where the CPU has it (`int8_kernel.py`: activations quantized to 8 bits per block
-of 64 too), else on torch's weight-only kernel in bfloat16 (`aten._weight_int8pack_mm`); int4 on
-`aten._weight_int4pack_mm_for_cpu`. Norms, embeddings and attention keep their dtype. The quantized
+of 64 too), else on torch's weight-only kernel in bfloat16 (`aten._weight_int8pack_mm`); int4 on the
+project's 4-bit VNNI kernel (`int4_kernel.py`) likewise, else on `aten._weight_int4pack_mm_for_cpu`. Norms, embeddings and attention keep their dtype. The quantized
 model serves inference only (no gradients).
 """
 
@@ -21,26 +21,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import int8_kernel
+from . import int4_kernel, int8_kernel
 
 FORMATS = ("int8", "int4")
-KERNELS = ("auto", "vnni", "torch")  # int8 products: auto = VNNI where the CPU has it
+KERNELS = ("auto", "vnni", "torch")  # auto = the VNNI kernels where the CPU has them
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast input type (float32 inputs take a slow path)
 
 
 @dataclass(frozen=True)
 class QuantizationSettings:
-    """How the weights are stored: `weights` for the layers' projections, `head` for the output head
-    (its 49k rows are a fifth of the model's weights; it decides the logits directly)."""
+    """How the weights are stored: `weights` for the layers' projections, `attention` for the
+    attention projections (q/k/v and o) where they differ from the MLP's (None: as `weights`), `head`
+    for the output head (its 49k rows are a fifth of the model's weights; it decides the logits
+    directly). `group_size`: inputs per scale of the int4 formats."""
 
     weights: str = "int8"
     head: str = "int8"
     group_size: int = 32
     kernel: str = "auto"
+    attention: str | None = None
 
     def __post_init__(self) -> None:
-        for value in (self.weights, self.head):
+        for value in (self.weights, self.head, self.attention_format):
             if value not in FORMATS:
                 raise ValueError(f"quantization format must be one of {FORMATS}, got {value!r}")
         if self.group_size not in INT4_GROUP_SIZES:
@@ -49,18 +52,28 @@ class QuantizationSettings:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
     @property
+    def attention_format(self) -> str:
+        return self.weights if self.attention is None else self.attention
+
+    @property
     def vnni(self) -> bool:
-        """Whether int8 products use the VNNI kernel (builds it on first use)."""
+        """Whether products use the VNNI kernels (builds them on first use)."""
         if self.kernel == "vnni" and not int8_kernel.available():
             raise RuntimeError(f"the VNNI kernel is not available: {int8_kernel.unavailable_reason()}")
         return self.kernel != "torch" and int8_kernel.available()
 
     @property
     def label(self) -> str:
-        """Short name for the UI, e.g. 'int8 VNNI' or 'int4-g32, head int8'."""
-        weights = f"int4-g{self.group_size}" if self.weights == "int4" else self.weights
-        text = weights if self.head == self.weights else f"{weights}, head {self.head}"
-        return text + (" VNNI" if "int8" in (self.weights, self.head) and self.vnni else "")
+        """Short name for the UI, e.g. 'int8 VNNI' or 'int4-g32, attention int8, head int8 VNNI'."""
+        def name(fmt: str) -> str:
+            return f"int4-g{self.group_size}" if fmt == "int4" else fmt
+
+        text = name(self.weights)
+        if self.attention_format != self.weights:
+            text += f", attention {name(self.attention_format)}"
+        if self.head != self.weights:
+            text += f", head {name(self.head)}"
+        return text + (" VNNI" if self.vnni else "")
 
 
 class QuantizedLinear(nn.Module):
@@ -68,8 +81,10 @@ class QuantizedLinear(nn.Module):
 
     int8: W ~ q * scale, q in [-127, 127], one scale per output row (symmetric). With `vnni` the
     product runs on the VNNI kernel (x quantized per block of 64 inputs), else in bfloat16.
-    int4: W ~ (q - 8) * scale + offset, q in [0, 15], per row and group of `group_size` inputs
-    (min-max over the group), which is the layout `aten._weight_int4pack_mm_for_cpu` reads.
+    int4: W ~ q * scale + minimum, q in [0, 15], per row and group of `group_size` inputs (min-max
+    over the group). With `vnni` (groups of 32 or 64) in the VNNI kernel's layout (`int4_kernel.py`,
+    x quantized per block of 64), else in the layout `aten._weight_int4pack_mm_for_cpu` reads (in
+    bfloat16, the minimum as an offset at q = 8).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, group_size: int = 32,
@@ -79,8 +94,16 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.format = fmt
         self.group_size = group_size
-        self.vnni = vnni and fmt == "int8" and int8_kernel.fits(self.in_features)
-        if fmt == "int8":
+        if fmt == "int4":
+            self.vnni = vnni and int4_kernel.fits(weight.shape, group_size) and int4_kernel.available()
+        else:
+            self.vnni = vnni and int8_kernel.fits(self.in_features)
+        if fmt == "int4" and self.vnni:
+            q, scale, minimum = int4_kernel.quantize(weight, group_size)
+            self.register_buffer("qweight", int4_kernel.pack(q))
+            self.register_buffer("scale", scale)
+            self.register_buffer("minimum", minimum)
+        elif fmt == "int8":
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             qweight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
             self.register_buffer("qweight", qweight)
@@ -104,7 +127,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vnni:  # takes x in float32 or bfloat16 as it comes
-            out = torch.ops.lckv.int8_linear(x.reshape(-1, self.in_features), self.qweight, self.scale, self.block_sums)
+            flat = x.reshape(-1, self.in_features)
+            if self.format == "int4":
+                out = torch.ops.lckv.int4_linear(flat, self.qweight, self.scale, self.minimum)
+            else:
+                out = torch.ops.lckv.int8_linear(flat, self.qweight, self.scale, self.block_sums)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
             return out.view(*x.shape[:-1], self.out_features)
@@ -135,8 +162,9 @@ def _quantized(linears: list[nn.Linear], fmt: str, group_size: int, vnni: bool) 
     biases = [layer.bias for layer in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else weight.new_zeros(layer.out_features) for b, layer in zip(biases, linears)])
-    if fmt == "int4" and not fits_int4(weight.shape, group_size):
-        fmt = "int8"  # a shape the int4 kernel does not take (tiny test models): 8 bits instead
+    vnni_int4 = vnni and int4_kernel.fits(weight.shape, group_size)
+    if fmt == "int4" and not vnni_int4 and not fits_int4(weight.shape, group_size):
+        fmt = "int8"  # a shape no int4 kernel takes (tiny test models): 8 bits instead
     return QuantizedLinear(weight, bias, fmt, group_size, vnni)
 
 
@@ -157,15 +185,17 @@ def quantize_model(model, settings: QuantizationSettings = QuantizationSettings(
         if done is not None:
             return done
         fmt, group, vnni = settings.weights, settings.group_size, settings.vnni
+        attention_fmt = settings.attention_format
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             if attention.computes_kv:
-                attention.qkv_proj = _quantized([attention.q_proj, attention.k_proj, attention.v_proj], fmt, group, vnni)
+                attention.qkv_proj = _quantized([attention.q_proj, attention.k_proj, attention.v_proj],
+                                                attention_fmt, group, vnni)
                 del attention.q_proj, attention.k_proj, attention.v_proj
             else:
-                attention.q_proj = _quantized([attention.q_proj], fmt, group, vnni)
+                attention.q_proj = _quantized([attention.q_proj], attention_fmt, group, vnni)
             attention.qkv_weight = None
-            attention.o_proj = _quantized([attention.o_proj], fmt, group, vnni)
+            attention.o_proj = _quantized([attention.o_proj], attention_fmt, group, vnni)
             mlp.gate_up_proj = _quantized([mlp.gate_proj, mlp.up_proj], fmt, group, vnni)
             del mlp.gate_proj, mlp.up_proj
             mlp.gate_up_weight = None

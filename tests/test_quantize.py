@@ -109,7 +109,7 @@ def _logits(model, prompt):
 
 
 @pytest.mark.parametrize("fmt,kernel", [("int8", "torch"), pytest.param("int8", "vnni", marks=needs_vnni),
-                                        ("int4", "torch")])
+                                        ("int4", "torch"), pytest.param("int4", "vnni", marks=needs_vnni)])
 def test_quantized_model_follows_the_float_model(fmt, kernel):
     """Teacher-forced over fixed prompts: the top token agrees wherever the float model's margin
     between its first and second choice exceeds the quantized logits' largest deviation."""
@@ -140,6 +140,19 @@ def test_quantize_model_runs_once_and_drops_the_float_weights():
     assert not any(p.dtype == torch.float32 and p.dim() == 2 for n, p in model.named_parameters() if "embed" not in n)
 
 
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("vnni", marks=needs_vnni)])
+def test_the_attention_projections_may_keep_their_own_format(kernel):
+    model = tiny_model(cla_map(4, 2), hidden_size=128, intermediate_size=256, vocab_size=320)
+    quantize_model(model, QuantizationSettings("int4", "int8", 32, kernel, attention="int8"))
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        projections = [attention.o_proj, attention.qkv_proj if attention.computes_kv else attention.q_proj]
+        assert all(p.format == "int8" for p in projections)
+        assert layer.mlp.gate_up_proj.format == layer.mlp.down_proj.format == "int4"
+        assert layer.mlp.down_proj.vnni == (kernel == "vnni")
+    assert model.lm_head.format == "int8"
+
+
 def test_quantized_copy_leaves_the_float_model_as_it_is():
     model = tiny_model(cla_map(4, 2))
     before = {name: p.clone() for name, p in model.named_parameters()}
@@ -154,8 +167,10 @@ def test_quantized_copy_leaves_the_float_model_as_it_is():
 def test_settings_name_the_formats():
     assert QuantizationSettings("int8", kernel="torch").label == "int8"
     assert QuantizationSettings("int4", "int8", 32, "torch").label == "int4-g32, head int8"
-    assert QuantizationSettings("int4", "int4", 64).label == "int4-g64"
+    assert QuantizationSettings("int4", "int4", 64, "torch").label == "int4-g64"
+    assert QuantizationSettings("int4", "int8", 32, "torch", "int8").label == "int4-g32, attention int8, head int8"
     if int8_kernel.available():
         assert QuantizationSettings("int8").label == "int8 VNNI"
+        assert QuantizationSettings("int4", "int4", 64).label == "int4-g64 VNNI"
     with pytest.raises(ValueError, match="kernel"):
         QuantizationSettings(kernel="fast")
