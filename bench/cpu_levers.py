@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> what it changes against the float32 eager step the engine used on a CPU before. "quant":
 # weight format and kernel; "dtype": activations and cache; "compile": the step compiled as the
-# engine's side compiler does (cpu_fast.CPU_COMPILE_OPTIONS).
+# engine's side compiler does (cpu_fast.CPU_COMPILE_OPTIONS); "attention": "torch" steps with torch's
+# attention instead of the CPU decode-attention kernel (the "cpu" backend, on wherever it builds).
 VARIANTS: dict[str, dict] = {
     "fp32": {},
     "fp32, 1 thread": {"threads": 1},
@@ -34,10 +35,12 @@ VARIANTS: dict[str, dict] = {
     "int8 (torch kernel), bf16": {"quant": "int8-torch", "dtype": "bfloat16"},
     "int4-g32 (torch kernel), bf16": {"quant": "int4-g32-torch", "dtype": "bfloat16"},
     "int8 VNNI, fp32": {"quant": "int8"},
+    "int8 VNNI, fp32, torch attention": {"quant": "int8", "attention": "torch"},
     "int8 VNNI, bf16": {"quant": "int8", "dtype": "bfloat16"},
     "fp32 + compile": {"fuse": True, "compile": True},
     "int8 (torch kernel), bf16 + compile": {"quant": "int8-torch", "dtype": "bfloat16", "compile": True},
     "int8 VNNI, fp32 + compile": {"quant": "int8", "compile": True},
+    "int8 VNNI, fp32 + compile, torch attention": {"quant": "int8", "compile": True, "attention": "torch"},
     "int8 VNNI, bf16 + compile": {"quant": "int8", "dtype": "bfloat16", "compile": True},
     "int4-g32 VNNI, fp32": {"quant": "int4-g32"},
     "int4-g64 VNNI, fp32": {"quant": "int4-g64"},
@@ -63,11 +66,12 @@ def quantization(spec: str):
     return QuantizationSettings(parts[0], head, group, kernel, attention)
 
 
-def measure(spec: dict, context: int, steps: int, batch: int) -> dict:
+def measure(spec: dict, context: int, steps: int, batch: int, threads: int | None = None) -> dict:
     """Build the variant, fill its cache with `context` tokens, time `steps` decode steps."""
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from lckv_stream.attention import choose_attention_backend
     from lckv_stream.cpu_fast import CPU_COMPILE_OPTIONS, CompiledCPUDecoder, use_cpu_threads
     from lckv_stream.decoding import EagerDecoder, compile_step
     from lckv_stream.fusion import fuse_projections
@@ -76,8 +80,11 @@ def measure(spec: dict, context: int, steps: int, batch: int) -> dict:
 
     from lckv_stream.base_model import cache_dir
 
+    if spec.get("attention") == "torch":
+        os.environ["LCKV_CPU_ATTENTION"] = "0"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))  # as the engine has it
-    torch.set_num_threads(spec["threads"]) if "threads" in spec else use_cpu_threads()
+    threads = spec.get("threads", threads)
+    torch.set_num_threads(threads) if threads else use_cpu_threads()
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model, _ = load_model("default", "cpu", progress=lambda _: None)
     began = time.perf_counter()
@@ -94,8 +101,10 @@ def measure(spec: dict, context: int, steps: int, batch: int) -> dict:
     decoder = EagerDecoder(model, cache)
     if spec.get("compile"):  # compiled as the engine's side compiler does (the same disk cache)
         step = compile_step(CPU_COMPILE_OPTIONS)
+        scratch = model.new_cache(16, 1024, batch_size=batch)
+        choose_attention_backend(scratch)
         with torch.inference_mode():
-            step(model, torch.zeros(batch, 1, dtype=torch.long), model.new_cache(16, 1024, batch_size=batch))
+            step(model, torch.zeros(batch, 1, dtype=torch.long), scratch)
         decoder = CompiledCPUDecoder(model, cache, step, "compiled")
     build_s = time.perf_counter() - began
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
@@ -118,7 +127,8 @@ def measure(spec: dict, context: int, steps: int, batch: int) -> dict:
         cache.restore(saved)
     return {"ms": statistics.median(times), "min_ms": min(times), "build_s": build_s,
             "prefill_100_ms": statistics.median(prefill_ms),
-            "decoder": getattr(decoder, "name", "eager"), "threads": torch.get_num_threads()}
+            "decoder": getattr(decoder, "name", "eager"), "attention": cache.attention_backend,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -128,17 +138,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch threads of every variant (default: the CPUs available)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(VARIANTS[args.one], args.context, args.steps, args.batch)))
+        print(json.dumps(measure(VARIANTS[args.one], args.context, args.steps, args.batch, args.threads)))
         return
     runs: dict[str, list[dict]] = {name: [] for name in args.variants}
     for round_index in range(args.rounds):
         for name in args.variants:
             command = [sys.executable, __file__, "--one", name, "--context", str(args.context),
                        "--steps", str(args.steps), "--batch", str(args.batch)]
+            command += ["--threads", str(args.threads)] if args.threads else []
             output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
             if output.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{output.stderr[-3000:]}")
@@ -146,7 +158,8 @@ def main() -> None:
             result["load"] = os.getloadavg()[0]
             runs[name].append(result)
             print(f"round {round_index + 1} {name}: {result['ms']:.2f} ms/token (min {result['min_ms']:.2f}, "
-                  f"built in {result['build_s']:.1f} s, {result['decoder']}, load {result['load']:.1f})", flush=True)
+                  f"built in {result['build_s']:.1f} s, {result['decoder']}, {result['attention']} attention, "
+                  f"load {result['load']:.1f})", flush=True)
     summary = {name: {"ms": statistics.median(r["ms"] for r in rounds), "rounds": rounds}
                for name, rounds in runs.items()}
     baseline = summary.get("fp32", {}).get("ms")
@@ -158,6 +171,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"context": args.context, "batch": args.batch, "steps": args.steps,
+                                        "threads": args.threads,
                                         "variants": summary}, indent=1))
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import decode_kernel
+from . import decode_kernel, int8_kernel
 from .cache import EMPTY, SinkWindowCache
 
 
@@ -205,6 +205,10 @@ class ForwardContext:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
         mask, has_key = self._mask(no_diagonal, sliding, self.cache is not None and self.cache.on_ring(source))
         folded = _fold_heads(rotated, self.groups)
+        if self.slot is not None and self.cache.attention_backend == "cpu" and int8_kernel.decode_attention_fits(folded):
+            # One token per row: the row's folded query rows all see the same slots.
+            out = torch.ops.lckv.decode_attention(folded, kv.keys, kv.values, mask[:, 0, 0])
+            return _unfold_heads(out, self.groups)  # rows that see no key are zeros already
         if self.slot is not None and query.device.type in SPLIT_DECODE_DEVICES and torch.compiler.is_compiling():
             out = _decode_attention(folded, kv.keys, kv.values, mask)
         elif self.sink_query_cos is None:
@@ -304,17 +308,22 @@ def _capturing(tensor: torch.Tensor) -> bool:
 def choose_attention_backend(cache: SinkWindowCache) -> str:
     """The attention of one-token steps on this cache, chosen once when a step is built: "triton"
     (the decode kernel) for a 16-bit cache on CUDA with Triton and no sliding-window ring, unless
-    LCKV_DECODE_KERNEL=0; else "torch". Sets it on the cache and returns it."""
+    LCKV_DECODE_KERNEL=0; "cpu" (`torch.ops.lckv.decode_attention`) for a float32 or bfloat16 cache
+    on a CPU where the CPU kernels build, unless LCKV_CPU_ATTENTION=0; else "torch". Sets it on the
+    cache and returns it."""
     # The kernel reads one slot layout; producers on a sliding-window ring have another.
-    kernel = (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
+    triton = (decode_kernel.AVAILABLE and cache.device.type == "cuda" and cache.dtype in decode_kernel.HALF_TYPES
               and not cache.ring_layers and os.environ.get("LCKV_DECODE_KERNEL", "1") != "0")
-    cache.attention_backend = "triton" if kernel else "torch"
+    cpu = (cache.device.type == "cpu" and cache.dtype in int8_kernel.DECODE_ATTENTION_TYPES
+           and os.environ.get("LCKV_CPU_ATTENTION", "1") != "0" and int8_kernel.available())
+    cache.attention_backend = "triton" if triton else "cpu" if cpu else "torch"
     return cache.attention_backend
 
 
 DECODE_SPLIT = 64  # cache slots per partial softmax in the compiled decode attention
 # Where a compiled one-token step uses it: on a CPU, Inductor's C++ for it took 3 ms a layer against
-# 0.15 ms for torch's fused attention, which the compiled CPU step calls instead.
+# 0.15 ms for torch's fused attention, which the compiled CPU step calls instead (or the CPU kernel,
+# with the "cpu" backend).
 SPLIT_DECODE_DEVICES: tuple[str, ...] = ("cuda",)
 
 

@@ -128,8 +128,9 @@ class SinkWindowCache:
         self._batch_rows = torch.arange(batch_size, device=device).view(-1, 1)
         self._heads = torch.arange(num_kv_heads, device=device).view(1, -1)
         self._sink_slots = torch.arange(self.sink, device=device)
-        # How attention runs for one-token steps: "torch" (any device) or "triton" (the decode
-        # kernel), chosen once by whoever builds the step (decoding.make_decoder).
+        # How attention runs for one-token steps: "torch" (any device), "triton" (the CUDA decode
+        # kernel) or "cpu" (the CPU one), chosen once by whoever builds the step
+        # (attention.choose_attention_backend).
         self.attention_backend = "torch"
 
     @classmethod

@@ -1,4 +1,5 @@
-"""`torch.ops.lckv.int8_linear`: int8 weight products on AVX512-VNNI (int8_kernel.cpp).
+"""`torch.ops.lckv.int8_linear`: int8 weight products on AVX512-VNNI (int8_kernel.cpp); built with it
+into one extension, `torch.ops.lckv.decode_attention`: one token's attention (decode_attention.cpp).
 
 Torch's own int8 weight-only kernel turns every weight back into a float before multiplying, which
 on a CPU costs more than reading it: a one-token step of the default model spends most of its time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 BLOCK = 64  # inputs per activation scale (one VNNI instruction)
-SOURCES = ("int8_kernel.cpp", "int4_kernel.cpp")  # built together into one extension
+SOURCES = ("int8_kernel.cpp", "int4_kernel.cpp", "decode_attention.cpp")  # built together into one extension
 _FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "error": why it is not available
@@ -74,10 +75,14 @@ def _load() -> tuple[bool, str | None]:
 
 
 def _register_fake() -> None:
-    """The op's output shape for the compiler (TorchInductor traces it without running it)."""
+    """The ops' output shapes for the compiler (TorchInductor traces them without running them)."""
     @torch.library.register_fake("lckv::int8_linear")
     def _(x, weight, scale, block_sums):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("lckv::decode_attention")
+    def _(query, keys, values, visible):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def block_sums(qweight: torch.Tensor) -> torch.Tensor:
@@ -85,6 +90,16 @@ def block_sums(qweight: torch.Tensor) -> torch.Tensor:
     activation offset adds to each block's products."""
     rows, columns = qweight.shape
     return 128 * qweight.view(rows, columns // BLOCK, BLOCK).sum(-1, dtype=torch.int32).float()
+
+
+DECODE_ATTENTION_TYPES = (torch.float32, torch.bfloat16)  # of the keys and values
+DECODE_ATTENTION_ROWS = 4  # query heads per KV head, at most
+DECODE_ATTENTION_DIMS = (16, 32, 64, 128)  # head sizes compiled in
+
+
+def decode_attention_fits(query: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes a folded one-token query [batch, kv_heads, rows, dim]."""
+    return query.shape[2] <= DECODE_ATTENTION_ROWS and query.shape[3] in DECODE_ATTENTION_DIMS
 
 
 def fits(in_features: int) -> bool:

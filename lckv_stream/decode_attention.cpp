@@ -1,0 +1,253 @@
+// One new token's attention over a cache on AVX512, built with int8_kernel.cpp by int8_kernel.py.
+//
+// A decode step has a few query rows per KV head (the query heads that share it, one token each);
+// torch's fused CPU attention is built for blocks of many query rows. Here each (row, KV head) reads
+// its keys and values once for all the query rows that share them, in blocks of 16 slots, and skips
+// blocks that no query sees. The slots are cut into splits of SPLIT, each with its own softmax
+// statistics, combined at the end (flash-decoding): a batch of one has only 3 KV heads to spread
+// over the threads. The split size is fixed, so a row's result does not depend on the batch it is
+// in or on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace {
+
+constexpr int64_t SPLIT = 256;  // slots per partial softmax
+constexpr int LANES = 16;       // floats per register; slots per block
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+#define LCKV_INLINE inline __attribute__((always_inline))
+#define LCKV_INLINE_LAMBDA __attribute__((always_inline))
+
+LCKV_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+LCKV_INLINE __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0: 2^n exp(r) with |r| <= ln 2 / 2 (the Cephes polynomial, about 1 ulp).
+LCKV_INLINE __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 registers of partial dot products -> one register of their 16 sums, lane i = sum of v[i].
+LCKV_INLINE __m512 sum16(const __m512* v) {
+    __m512 pairs[8], quads[4], octs[2];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], each a quarter of its sum
+        const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)  // lanes [abcd 0+1, abcd 2+3, efgh 0+1, efgh 2+3]
+        octs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88), _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
+}
+
+// Scores of one query row against a block of 16 key slots (0 where a slot is not `seen`; FULL: all are).
+template <int DV, bool FULL, typename KV>
+LCKV_INLINE __m512 block_scores(const __m512* q, const KV* k, __mmask16 seen) {
+    __m512 dots[LANES];
+#pragma GCC unroll 16
+    for (int i = 0; i < LANES; ++i) {
+        __m512 dot = _mm512_setzero_ps();
+        if (FULL || (seen >> i & 1))
+            for (int c = 0; c < DV; ++c) dot = _mm512_fmadd_ps(q[c], load16(k + i * DV * LANES + c * LANES), dot);
+        dots[i] = dot;
+    }
+    return sum16(dots);
+}
+
+// acc[r] += sum over the block's seen slots of weights[r][slot] * value[slot] (weights: row r at r * stride).
+template <int ROWS, int DV, bool FULL, typename KV>
+LCKV_INLINE void block_values(__m512 (*acc)[DV], const float* weights, int64_t stride, const KV* v, __mmask16 seen) {
+    auto add = [&](int i) LCKV_INLINE_LAMBDA {
+        __m512 row[DV];
+        for (int c = 0; c < DV; ++c) row[c] = load16(v + i * DV * LANES + c * LANES);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 w = _mm512_set1_ps(weights[r * stride + i]);
+            for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(w, row[c], acc[r][c]);
+        }
+    };
+    if (FULL) {
+#pragma GCC unroll 16
+        for (int i = 0; i < LANES; ++i) add(i);
+    } else {
+        for (unsigned left = seen; left; left &= left - 1) add(__builtin_ctz(left));
+    }
+}
+
+// One split: slots [begin, end) (at most SPLIT) of one (row, KV head) for its ROWS query rows
+// (already scaled by 1/sqrt(dim)), in two passes: the scores of every slot (the keys read once), then
+// the weighted sum of the values (read once). No rescaling inside a split, and the blocks of a pass
+// do not wait on each other. Writes per query row its unnormalized output, then its max score and
+// its sum of exponentials: [ROWS][dim + 2].
+template <int ROWS, int DV, typename KV>
+void attend_split(const float* query, const KV* keys, const KV* values, const bool* visible, int64_t begin,
+                  int64_t end, float* partial) {
+    constexpr int64_t DIM = DV * LANES, BLOCKS = SPLIT / LANES;
+    alignas(64) float scores[ROWS][SPLIT];
+    __mmask16 seen[BLOCKS];
+    __m512 q[ROWS][DV], top[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+        for (int c = 0; c < DV; ++c) q[r][c] = _mm512_loadu_ps(query + r * DIM + c * LANES);
+        top[r] = _mm512_set1_ps(NEG_INF);
+    }
+    const int64_t blocks = (end - begin + LANES - 1) / LANES;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t j = begin + b * LANES, n = std::min<int64_t>(LANES, end - j);
+        const __mmask16 inside = n == LANES ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+        const __m128i flags = _mm_maskz_loadu_epi8(inside, visible + j);
+        const __mmask16 mask = seen[b] = _mm_test_epi8_mask(flags, flags);
+        if (!mask) continue;  // empty slots or the window's far side: no bytes read
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 s = mask == 0xFFFF ? block_scores<DV, true>(q[r], keys + j * DIM, mask)
+                                            : _mm512_mask_blend_ps(mask, _mm512_set1_ps(NEG_INF),
+                                                                   block_scores<DV, false>(q[r], keys + j * DIM, mask));
+            top[r] = _mm512_max_ps(top[r], s);
+            _mm512_store_ps(scores[r] + b * LANES, s);
+        }
+    }
+    __m512 acc[ROWS][DV];
+    float tops[ROWS], totals[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+        tops[r] = _mm512_reduce_max_ps(top[r]);
+        const __m512 shift = _mm512_set1_ps(tops[r]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
+            if (!seen[b]) continue;
+            float* s = scores[r] + b * LANES;
+            const __m512 w = _mm512_maskz_mov_ps(seen[b], exp16(_mm512_sub_ps(_mm512_load_ps(s), shift)));
+            total = _mm512_add_ps(total, w);
+            _mm512_store_ps(s, w);
+        }
+        totals[r] = _mm512_reduce_add_ps(total);
+        for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+        const KV* v = values + (begin + b * LANES) * DIM;
+        if (seen[b] == 0xFFFF) block_values<ROWS, DV, true>(acc, scores[0] + b * LANES, SPLIT, v, seen[b]);
+        else if (seen[b]) block_values<ROWS, DV, false>(acc, scores[0] + b * LANES, SPLIT, v, seen[b]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+        float* out = partial + r * (DIM + 2);
+        for (int c = 0; c < DV; ++c) _mm512_storeu_ps(out + c * LANES, acc[r][c]);
+        out[DIM] = tops[r], out[DIM + 1] = totals[r];
+    }
+}
+
+// The splits of one (row, KV head) combined: out [rows][dim]; a query row that saw no slot gets zeros.
+void combine(const float* partial, int64_t splits, int64_t rows, int64_t dim, float* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float top = NEG_INF;
+        for (int64_t s = 0; s < splits; ++s) top = std::max(top, partial[(s * rows + r) * (dim + 2) + dim]);
+        float* o = out + r * dim;
+        std::fill(o, o + dim, 0.f);
+        if (top == NEG_INF) continue;
+        float total = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+            const float* p = partial + (s * rows + r) * (dim + 2);
+            if (p[dim] == NEG_INF) continue;
+            const float weight = std::exp(p[dim] - top);
+            total += weight * p[dim + 1];
+            for (int64_t d = 0; d < dim; ++d) o[d] += weight * p[d];
+        }
+        for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+    }
+}
+
+using SplitFn = void (*)(const float*, const void*, const void*, const bool*, int64_t, int64_t, float*);
+
+template <int ROWS, int DV, typename KV>
+void split_entry(const float* q, const void* k, const void* v, const bool* visible, int64_t begin, int64_t end,
+                 float* partial) {
+    attend_split<ROWS, DV, KV>(q, static_cast<const KV*>(k), static_cast<const KV*>(v), visible, begin, end, partial);
+}
+
+template <typename KV>
+SplitFn pick_for(int64_t rows, int64_t dv) {
+#define LCKV_ROWS(R)                                                \
+    if (rows == R) switch (dv) {                                    \
+            case 1: return &split_entry<R, 1, KV>;                  \
+            case 2: return &split_entry<R, 2, KV>;                  \
+            case 4: return &split_entry<R, 4, KV>;                  \
+            case 8: return &split_entry<R, 8, KV>;                  \
+        }
+    LCKV_ROWS(1) LCKV_ROWS(2) LCKV_ROWS(3) LCKV_ROWS(4)
+#undef LCKV_ROWS
+    return nullptr;
+}
+
+// query [batch, kv_heads, rows, dim] (rows: the query heads sharing a KV head, one token each), keys and
+// values [batch, kv_heads, slots, dim] (float32 or bfloat16), visible [batch, slots] bool: which slots
+// the row's token sees. Returns softmax(q k^T / sqrt(dim)) v over the visible slots [batch, kv_heads,
+// rows, dim] in the query's dtype; zeros for a row that sees no slot. rows <= 4, dim in 16, 32, 64, 128.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& visible) {
+    TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: shapes");
+    const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2), dim = query.size(3);
+    const int64_t slots = keys.size(2);
+    TORCH_CHECK(keys.size(0) == batch && keys.size(1) == heads && keys.size(3) == dim, "decode_attention: keys' shape");
+    TORCH_CHECK(visible.dim() == 2 && visible.size(0) == batch && visible.size(1) == slots
+                && visible.scalar_type() == at::kBool, "decode_attention: visible must be bool [batch, slots]");
+    TORCH_CHECK(keys.scalar_type() == values.scalar_type()
+                && (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
+                "decode_attention: keys and values must both be float32 or bfloat16");
+    const bool half = keys.scalar_type() == at::kBFloat16;
+    const SplitFn split_fn = dim % LANES ? nullptr : half ? pick_for<at::BFloat16>(rows, dim / LANES)
+                                                          : pick_for<float>(rows, dim / LANES);
+    TORCH_CHECK(split_fn, "decode_attention: rows ", rows, " and dim ", dim, " are not compiled in");
+
+    const at::Tensor q = (query.to(at::kFloat) * (1.0 / std::sqrt(double(dim)))).contiguous();
+    const at::Tensor k = keys.contiguous(), v = values.contiguous(), seen = visible.contiguous();
+    const int64_t splits = std::max<int64_t>(1, (slots + SPLIT - 1) / SPLIT), pairs = batch * heads;
+    at::Tensor partial = at::empty({pairs, splits, rows, dim + 2}, q.options());
+    at::Tensor out = at::empty({batch, heads, rows, dim}, q.options());
+    const float* qp = q.data_ptr<float>();
+    const char* kp = static_cast<const char*>(k.data_ptr());
+    const char* vp = static_cast<const char*>(v.data_ptr());
+    const bool* sp = seen.data_ptr<bool>();
+    float *pp = partial.data_ptr<float>(), *op = out.data_ptr<float>();
+    const int64_t element = k.element_size();
+    at::parallel_for(0, pairs * splits, 1, [&](int64_t first, int64_t last) {
+        for (int64_t item = first; item < last; ++item) {
+            const int64_t pair = item / splits, s = item % splits, b = pair / heads;
+            const int64_t offset = pair * slots * dim * element;
+            split_fn(qp + pair * rows * dim, kp + offset, vp + offset, sp + b * slots, s * SPLIT,
+                     std::min(slots, (s + 1) * SPLIT), pp + item * rows * (dim + 2));
+        }
+    });
+    at::parallel_for(0, pairs, 16, [&](int64_t first, int64_t last) {
+        for (int64_t pair = first; pair < last; ++pair)
+            combine(pp + pair * splits * rows * (dim + 2), splits, rows, dim, op + pair * rows * dim);
+    });
+    return query.scalar_type() == at::kFloat ? out : out.to(query.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lckv, m) {
+    m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor visible) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lckv, CPU, m) { m.impl("decode_attention", &decode_attention); }
