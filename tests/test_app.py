@@ -134,10 +134,13 @@ def test_the_empty_plot_already_has_numeric_axes(client):
     assert plot["data"] == [] and plot["datatypes"] == {"token": "quantitative", "latency_ms": "quantitative"}
 
 
-def test_gradio_holds_one_config_per_component_however_many_turns(served, client):
+def test_gradio_holds_one_config_per_component_however_many_turns(served, client, monkeypatch):
     """Gradio 6.31 keeps a new config (value included) for a component that gets a plain value or is
     read as an input after a gr.skip() of it: a chat, a plot and a message box per turn grew the
     server 20% over 500 turns (see handlers.as_update)."""
+    import app_support.handlers
+
+    monkeypatch.setattr(app_support.handlers, "STREAM_EVERY_S", 0.0)  # a view per token: plots skipped between
     configs = lambda: len(served.demo.state_holder[client.session_hash].config_values)  # noqa: E731
     turn(client, "one", max_new_tokens=20, temperature=0.0)
     before = configs()
