@@ -52,8 +52,8 @@ from lckv_stream.store import ConversationNotFound, ConversationStore
 
 NOTHING_CHANGED = "nothing changed"  # what session.configure says when the settings are the same
 PLOT_EVERY_S = 0.5  # while a reply streams, the latency plot is redrawn at most this often
-# ... and the page at most this often (10 times a second): a view per token would cost the server
-# more than decoding does on a small CPU, and a reader sees no difference.
+# ... and the page at most this often (10 times a second): a reader sees no difference, and the
+# server builds and sends a view per redraw instead of per token.
 STREAM_EVERY_S = 0.1
 DEMO_TURNS = (5, 500)
 NO_MESSAGE = "there is no message to answer: send one first (each message is answered once)"
