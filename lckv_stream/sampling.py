@@ -111,14 +111,14 @@ def sample_with_noise(
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
+def _mul32(x: "torch.Tensor | int", factor: int) -> "torch.Tensor | int":
     """(x * factor) mod 2^32 for x < 2^32 in int64, without int64 overflow (16-bit halves)."""
     low, high = x & 0xFFFF, x >> 16
     return (low * factor + (((high * factor) & 0xFFFF) << 16)) & _M32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
+def _mix32(x: "torch.Tensor | int") -> "torch.Tensor | int":
+    """A 32-bit integer hash with good avalanche (Wellons' lowbias32), of tensors or Python ints."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -129,22 +129,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 _HASH_START = 0x9E3779B9
 
 
-def _mix32_int(x: int) -> int:
-    """`_mix32` on a Python int (exact: Python ints do not overflow)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
 def seed_hash(seed: int) -> int:
     """The noise hash's state after a row's seed (its two 32-bit halves, as int64 stores them): the
     part of every draw's hash that depends on the seed alone, computed once per row on the host."""
     seed = (seed + 2**63) % 2**64 - 2**63  # the int64 the seed is stored as
     h = _HASH_START
     for part in (seed & _M32, (seed >> 32) & _M32):
-        h = _mix32_int(h ^ part)
+        h = _mix32(h ^ part)  # on Python ints: the same bit operations, exact
     return h
 
 
