@@ -21,6 +21,7 @@ import torch
 
 from .cache import SinkWindowCache
 from .cpu_fast import CompiledCPUDecoder
+from .cpu_threads import in_passing_thread
 from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_options_for, compile_step,
                        decode_step)
 from .fusion import fuse_projections
@@ -408,8 +409,8 @@ class SideCompiler:
                 bucket, size = self._queue.pop(0)
                 self._working += 1
             started = time.perf_counter()
-            with self.lock:
-                function = self._compile(bucket, size)
+            with self.lock:  # on a passing thread: this one would keep an OpenMP team (cpu_threads.py)
+                function = in_passing_thread(self._compile, bucket, size)
             with self._wake:
                 self._ready.append((bucket, size, function, time.perf_counter() - started))
                 self._working -= 1

@@ -33,6 +33,7 @@ from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batc
 from .cache import CacheStats, SinkWindowCache, row_stats
 from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabled, cpu_fast_model, fast_path_name,
                        use_cpu_threads)
+from .cpu_threads import in_passing_thread
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -275,7 +276,7 @@ class Engine:
         self.counters = Counters()
         cpu_fast = self.settings.cpu_fast and self.device.type == "cpu"
         # What the steps run: the model itself, or its quantized copy on the CPU fast path.
-        self.step_model = cpu_fast_model(model) if cpu_fast else model
+        self.step_model = in_passing_thread(cpu_fast_model, model) if cpu_fast else model
         if cpu_fast:
             use_cpu_threads()
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .convert import convert_llama
+from .cpu_threads import in_passing_thread
 from .layer_map import identity_map
 
 
@@ -39,8 +40,14 @@ def load_model(
 
     source: 'default' (the embedded LCKV chat model), a delta folder (delta.json: trained weights on
     top of the base, like the default's), a folder with config.json (lckv-llama, or a Llama that is
-    converted with `layer_types`, identity by default), a .gguf file, or a Hub id.
+    converted with `layer_types`, identity by default), a .gguf file, or a Hub id. Loaded on a
+    passing thread, so that the caller's thread keeps no OpenMP team (cpu_threads.py says why).
     """
+    return in_passing_thread(_load_model, source, device, dtype, layer_types, progress)
+
+
+def _load_model(source: str, device: str | None, dtype: torch.dtype | None, layer_types: str | None,
+                progress: Callable[[str], None]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)

@@ -5,6 +5,7 @@ batched rows like each row alone. Compiling is tested apart (LCKV_COMPILE_TESTS=
 minute on two cores."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -121,3 +122,22 @@ def test_the_side_compiled_step_replaces_the_eager_one_and_matches_it(tokenizer)
         assert compiled == eager
     finally:
         engine.close()
+
+
+def test_work_before_the_engine_runs_on_a_thread_that_has_ended():
+    from lckv_stream.cpu_threads import in_passing_thread
+
+    seen: list[threading.Thread] = []
+
+    def work(a, b=0):
+        seen.append(threading.current_thread())
+        return torch.ones(40_000).sum().item() + a + b  # large enough for a parallel region
+
+    assert in_passing_thread(work, 1, b=2) == 40_003.0
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("model file missing")
+
+    with pytest.raises(ValueError, match="model file missing"):
+        in_passing_thread(fail)
