@@ -216,7 +216,7 @@ def part_host(model, args) -> dict:
         bucket = engine._bucket(bucket_shape(4, 1024))
         zeros = torch.zeros(bucket.rows + 1, dtype=torch.long, device=engine.device)
         logits = bucket.next_logits
-        bucket._sample = lambda size, generating: zeros[:size]
+        bucket._sample = lambda size, widths: zeros[:size]
         for size in bucket.classes:
             bucket.decoder(size).step = lambda tokens, size=size: logits[:size]
 

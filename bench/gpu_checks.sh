@@ -8,8 +8,11 @@
 #           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
 #   engine : the serving engine with compiled steps (classes 1, 8, 32, 64; compiled cold, about 5
 #            minutes), the scheduler's ceiling, 1-64 conversations against the raw step, a profile of
-#            the steps, 64 conversations x 500 turns, then a restart with the compile cache it
-#            filled; about 10 minutes (JSON written after each part)
+#            the steps (JSON written after each part), then the engine's GPU tests; about 9 minutes.
+#            The compile cache it fills is copied to OUT/inductor.tar.gz for the next mode.
+#   engine-restart : run right after `engine` on the same machine (or with OUT/inductor.tar.gz
+#            unpacked into ~/.cache/lckv-stream/inductor): engine start to first token with that
+#            warm compile cache, then 64 conversations x 500 turns; about 8 minutes
 set -euo pipefail
 # The repository root on the path: the benchmarks import lckv_stream from the checkout.
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -24,12 +27,18 @@ case "${1:-}" in
     python3 bench/bench_decode.py --out "$out/ttft" --variants c_ours_eager d_ours_graph --lengths 1024 --batches 1
     ;;
   engine)
-    python3 -m bench.bench_engine --model random --parts host concurrency profile soak start --no-mixed \
-      --start-caches warm --compile-classes 1 8 32 64 --compile-timeout 400 --turns 500 \
-      --out "$out/engine_compiled"
+    python3 -m bench.bench_engine --model random --parts host concurrency profile --no-mixed \
+      --compile-classes 1 8 32 64 --compile-timeout 400 --out "$out/engine_compiled"
+    tar -czf "$out/inductor.tar.gz" -C "$HOME/.cache/lckv-stream" inductor || true
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py \
+      -k "engine_graphs or prefill_graphs_and_offload or two_sessions" 2>&1 | grep -v Warning
+    ;;
+  engine-restart)
+    python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
+      --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|speed|engine" >&2
+    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart" >&2
     exit 2
     ;;
 esac

@@ -98,6 +98,7 @@ class Bucket:
         self._decoders: dict[int, object] = {}
         self._compiled: dict[int, bool] = {}
         self._samplers: dict[tuple[int, int], tuple] = {}
+        self._whole_steps: dict[tuple[int, int], tuple | None] = {}  # (class, width): one graph a step
         device = self.cache.device
         self._params = RowSampling(**{name: torch.zeros(rows + 1, dtype=dtype, device=device)
                                       for name, dtype in _SAMPLING_FIELDS.items()})
@@ -112,6 +113,10 @@ class Bucket:
         self._remaining = torch.zeros(rows + 1, dtype=torch.long, device=device)
         self._stop_table = torch.full((rows + 1, STOP_SLOTS), -1, dtype=torch.long, device=device)
         self._position = torch.arange(rows + 1, device=device)
+        # Rows [0, limit) may step (the generating ones are at the front): on the device, written
+        # only when the count changes, so that a captured step reads it.
+        self._limit = torch.zeros((), dtype=torch.long, device=device)
+        self._limit_value = 0
         self._host_tokens: list[torch.Tensor] = []
         self._prefill_decoder = None
         self._row_decoders: dict[int, EagerDecoder] = {}  # eager prefill straight into a row (no graphs)
@@ -151,11 +156,13 @@ class Bucket:
             self.cache.rows(self.spare, self.spare + 1).reset()
         self.graphs = True
         self._decoders.clear()
+        self._whole_steps.clear()
         default_width = width_of(SamplingSettings(), self.next_logits.shape[-1])
         for size in self.classes:
             self.decoder(size)
             self._samplers[(size, default_width)] = self._capture_sampler(size, default_width)
             self.counters.graphs_captured += 1
+            self._capture_whole_step(size, default_width)
         if options.compile and self._compiler is not None:
             self._submit_compiles()
 
@@ -235,6 +242,8 @@ class Bucket:
             return
         self._decoders[size] = decoder
         self._compiled[size] = True
+        for width in [key[1] for key in self._whole_steps if key[0] == size]:
+            self._capture_whole_step(size, width)  # again, around the compiled step
 
     def compile_failed(self, size: int, reason: str) -> None:
         """Class `size` keeps its plain graph (or eager step); its name says why."""
@@ -299,23 +308,83 @@ class Bucket:
         idle): each row's next token is drawn from its pending logits with its own settings
         (`start_generating`), fed to the cache, and the new logits become pending. Returns the tokens
         drawn [generating] (on the device; a row that had stopped generating gets a meaningless one)."""
+        if generating != self._limit_value:
+            self._limit.fill_(generating)
+            self._limit_value = generating
+        widths = sorted(set(self._widths[:generating]))
+        whole = self._whole_step(size, widths[0]) if len(widths) == 1 else None
+        if whole is not None:
+            graph, tokens = whole
+            graph.replay()
+            return tokens[:generating]
+        decoder = self.decoder(size)
+        return self._step_body(size, lambda: self._sample(size, widths), decoder.step)[:generating]
+
+    def _step_body(self, size: int, sample: Callable[[], torch.Tensor],
+                   run_model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """What a step does on the device, every part with fixed shapes and no host sync (so that it
+        can be captured whole): the active rows, their draws, the model, the pending logits and the
+        rows that end."""
         active = self.cache.active[:size]
-        torch.logical_and(self._alive[:size], self._position[:size] < generating, out=active)
-        tokens = self._sample(size, generating)
+        torch.logical_and(self._alive[:size], self._position[:size] < self._limit, out=active)
+        tokens = sample()
         stepped = active.long()
         self._params.draws[:size].add_(stepped)
-        logits = self.decoder(size).step(tokens)
+        logits = run_model(tokens)
         pending = self.next_logits[:size]
         pending.copy_(torch.where(active.view(-1, 1), logits, pending))
         remaining = self._remaining[:size]
         remaining.sub_(stepped)
         ended = (tokens.view(-1, 1) == self._stop_table[:size]).any(-1) | (remaining <= 0)
         self._alive[:size].logical_and_(~(ended & active))
-        return tokens[:generating]
+        return tokens
 
-    def _sample(self, size: int, generating: int) -> torch.Tensor:
+    def _whole_step(self, size: int, width: int) -> tuple | None:
+        """The whole step of class `size` for rows that all draw among `width` candidates, captured in
+        one CUDA graph (the sampler, the model's step and the bookkeeping: one launch instead of a
+        graph, a graph and a dozen kernels); None where there are no graphs, or until it can be
+        captured (not while the side compiler works)."""
+        key = (size, width)
+        if key in self._whole_steps:
+            return self._whole_steps[key]
+        if not self.graphs:
+            return None
+        lock = self._compiler.lock if self._compiler is not None else None
+        if lock is not None and not lock.acquire(blocking=False):
+            return None
+        try:
+            return self._capture_whole_step(size, width)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _capture_whole_step(self, size: int, width: int) -> tuple | None:
+        """Capture `_whole_step` (the side compiler idle); None, kept, where it cannot be captured."""
+        decoder = self.decoder(size)
+        whole = None
+        if isinstance(decoder, GraphDecoder):
+            view, function, params = self.cache.rows(0, size), decoder.step_function, self._row_params(size)
+            touched = (self.next_logits, self._params.draws, self._remaining, self._alive, self.cache.active)
+            saved = [buffer.clone() for buffer in touched]  # the capture's warm-up really steps
+            try:
+                # A compiled step whose guard failed here would compile on the engine's thread: refuse.
+                stance = "default" if function is decode_step else "fail_on_recompile"
+                with torch.inference_mode(), torch.compiler.set_stance(stance):
+                    whole = capture(lambda: self._step_body(
+                        size, lambda: sample_rows(self.next_logits[:size], params, width, view.token_ids,
+                                                  view.token_index >= 0),
+                        lambda tokens: function(self.model, tokens.view(-1, 1), view)), view, warmup=1)
+                self.counters.graphs_captured += 1
+            except Exception:  # the step's own graph and the sampler's still serve
+                whole = None
+            finally:
+                for buffer, copy in zip(touched, saved):
+                    buffer.copy_(copy)
+        self._whole_steps[(size, width)] = whole
+        return whole
+
+    def _sample(self, size: int, widths: list[int]) -> torch.Tensor:
         """Tokens [size] for the rows' pending logits: one pass per candidate width in use."""
-        widths = sorted(set(self._widths[:generating]))
         tokens = self._sample_width(size, widths[0])
         for width in widths[1:]:
             chosen = self._width_of_row[:size] == width

@@ -105,6 +105,7 @@ class GraphDecoder(EagerDecoder):
         if step_function is None:
             step_function = compile_step(compile_options) if compile else decode_step
         compiled = step_function is not decode_step
+        self.step_function = step_function  # what the graph runs: a caller may capture it in a larger graph
         self.name = ("cuda-graph + compile" if compiled else "cuda-graph") + (", prefill graphs" if prefill_graphs else "")
         self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
         self._pool = None  # one memory pool for the prefill graphs: they never run at the same time
