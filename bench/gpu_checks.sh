@@ -29,7 +29,7 @@ case "${1:-}" in
   engine)
     python3 -m bench.bench_engine --model random --parts host concurrency profile --no-mixed \
       --compile-classes 1 8 32 64 --compile-timeout 400 --out "$out/engine_compiled"
-    tar -czf "$out/inductor.tar.gz" -C "$HOME/.cache/lckv-stream" inductor || true
+    tar -czf "$out/inductor.tar.gz" -C "$(python3 -c 'from lckv_stream.base_model import cache_dir; print(cache_dir())')" inductor || true
     timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py \
       -k "engine_graphs or prefill_graphs_and_offload or two_sessions" 2>&1 | grep -v Warning
     ;;

@@ -23,7 +23,7 @@ from .cache import SinkWindowCache
 from .cpu_fast import CompiledCPUDecoder
 from .cpu_threads import in_passing_thread
 from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_options_for, compile_step,
-                       decode_step)
+                       decode_step, feed_step)
 from .fusion import fuse_projections
 from .sampling import RowSampling, SamplingSettings, sample_rows, seed_hash, width_of
 
@@ -99,6 +99,7 @@ class Bucket:
         self._compiled: dict[int, bool] = {}
         self._samplers: dict[tuple[int, int], tuple] = {}
         self._whole_steps: dict[tuple[int, int], tuple | None] = {}  # (class, width): one graph a step
+        self._whole_step_errors: dict[int, str] = {}
         device = self.cache.device
         self._params = RowSampling(**{name: torch.zeros(rows + 1, dtype=dtype, device=device)
                                       for name, dtype in _SAMPLING_FIELDS.items()})
@@ -263,6 +264,10 @@ class Bucket:
     def decoder_name(self, size: int) -> str:
         name = self.decoder(size).name
         wanted = self.options.compiled_classes is None or size in self.options.compiled_classes
+        if size in self._whole_step_errors:
+            name += f" (whole-step graph failed: {self._whole_step_errors[size]})"
+        elif any(key[0] == size and whole is not None for key, whole in self._whole_steps.items()):
+            name += ", one graph a step"
         if self.options.graphs and not self.graphs:
             name += " (graphs wait for the side compiler)"
         elif self.options.compile and wanted and size not in self._compiled:
@@ -363,20 +368,21 @@ class Bucket:
         decoder = self.decoder(size)
         whole = None
         if isinstance(decoder, GraphDecoder):
-            view, function, params = self.cache.rows(0, size), decoder.step_function, self._row_params(size)
+            # The decoder's own view of the rows: the attention backend was chosen on it.
+            view, params, run_model = decoder.cache, self._row_params(size), feed_step(self.model, decoder)
             touched = (self.next_logits, self._params.draws, self._remaining, self._alive, self.cache.active)
             saved = [buffer.clone() for buffer in touched]  # the capture's warm-up really steps
             try:
                 # A compiled step whose guard failed here would compile on the engine's thread: refuse.
-                stance = "default" if function is decode_step else "fail_on_recompile"
+                stance = "default" if decoder.step_function is decode_step else "fail_on_recompile"
                 with torch.inference_mode(), torch.compiler.set_stance(stance):
                     whole = capture(lambda: self._step_body(
                         size, lambda: sample_rows(self.next_logits[:size], params, width, view.token_ids,
-                                                  view.token_index >= 0),
-                        lambda tokens: function(self.model, tokens.view(-1, 1), view)), view, warmup=1)
+                                                  view.token_index >= 0), run_model), view, warmup=1)
                 self.counters.graphs_captured += 1
-            except Exception:  # the step's own graph and the sampler's still serve
-                whole = None
+                self._whole_step_errors.pop(size, None)
+            except Exception as error:  # the step's own graph and the sampler's still serve; the name says why
+                self._whole_step_errors[size] = str(error)[:80] or type(error).__name__
             finally:
                 for buffer, copy in zip(touched, saved):
                     buffer.copy_(copy)

@@ -169,6 +169,20 @@ class GraphDecoder(EagerDecoder):
         return tokens, graph, logits
 
 
+def feed_step(model, decoder) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`decoder`'s step function as a call from token ids [batch] to logits, for a larger graph to
+    capture: the tokens are copied into the decoder's own input buffer first, since a compiled
+    step's guards expect the tensor it was compiled with (made outside inference mode, where the
+    tokens drawn in a step are not), and a guard that fails would compile again."""
+    function, cache, fed = decoder.step_function, decoder.cache, decoder.step_input
+
+    def run(token_ids: torch.Tensor) -> torch.Tensor:
+        fed.copy_(token_ids.view(-1, 1))
+        return function(model, fed, cache)
+
+    return run
+
+
 def capture(run, cache: SinkWindowCache | None, warmup: int, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`run` warmed up on a side stream, then captured in a CUDA graph; returns the graph and its
     output. Warm-up and capture run real calls on the cache: its state is put back afterwards.

@@ -47,3 +47,27 @@ def test_compiled_decode_of_the_first_token_without_keys_is_finite():
         logits = compiled(torch.tensor([[7]]))
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_step_fed_by_a_larger_graph_keeps_its_guards():
+    """The engine's whole-step graph feeds the compiled step the tokens it has just drawn, which are
+    made in inference mode: passed as they are, the step's guards fail (it would compile again, on
+    the serving thread); fed through `feed_step`, they hold, and the logits are the eager step's."""
+    from types import SimpleNamespace
+
+    from lckv_stream.decoding import decode_step, feed_step
+
+    model = tiny_model(lckv_map(4, 1, 1))
+    step = torch.compile(decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    scratch, tokens = model.new_cache(4, 60, batch_size=2), torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():  # compiled as the side compiler does: its tokens and cache made outside
+        step(model, tokens, scratch)
+    cache, reference = model.new_cache(4, 60, batch_size=2), model.new_cache(4, 60, batch_size=2)
+    decoder = SimpleNamespace(step_function=step, cache=cache, step_input=torch.zeros(2, 1, dtype=torch.long))
+    with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+        drawn = torch.tensor([5, 6])
+        with pytest.raises(RuntimeError, match="recompile"):
+            step(model, drawn.view(-1, 1), cache)
+        logits = feed_step(model, decoder)(drawn)
+        expected = decode_step(model, drawn.view(-1, 1), reference)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
