@@ -55,6 +55,18 @@ PLOT_EVERY_S = 0.5  # while a reply streams, the latency plot is redrawn at most
 # ... and the page at most this often (10 times a second): a reader sees no difference, and the
 # server builds and sends a view per redraw instead of per token.
 STREAM_EVERY_S = 0.1
+# The server builds every view (Gradio's postprocessing: a few ms of CPU each, the plot most), on
+# the cores that decode. With many replies streaming at once, each is redrawn less often, so that
+# the server's views stay at about this many a second in all.
+VIEWS_PER_S = 20.0
+
+
+def redraw_intervals(streaming: int) -> tuple[float, float]:
+    """(page, plot) seconds between redraws of one streaming reply while `streaming` replies stream."""
+    if STREAM_EVERY_S <= 0:
+        return 0.0, PLOT_EVERY_S
+    every = max(STREAM_EVERY_S, streaming / VIEWS_PER_S)
+    return every, PLOT_EVERY_S * every / STREAM_EVERY_S
 DEMO_TURNS = (5, 500)
 NO_MESSAGE = "there is no message to answer: send one first (each message is answered once)"
 NOT_SAVED = "conversations are not saved on this server (LCKV_STORE=off)"
@@ -682,10 +694,11 @@ class ChatApp:
                     elif isinstance(event, TokenEvent):
                         reply += event.text
                         now = time.monotonic()
-                        if now - shown < STREAM_EVERY_S:
+                        every, plot_every = redraw_intervals(self.slots.active)
+                        if now - shown < every:
                             continue  # shown with a later token, or with the turn's end
                         shown = now
-                        replot = now - plotted >= PLOT_EVERY_S
+                        replot = now - plotted >= plot_every
                         plotted = now if replot else plotted
                         yield self.view(session, page, f"{label}Streaming… {event.index + 1} tokens", reply=reply,
                                         plot=replot, running=True)

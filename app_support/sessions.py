@@ -80,6 +80,7 @@ class SessionRegistry:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._evicted: OrderedDict[str, bool] = OrderedDict()
+        self._release_pending = False  # a closed session's memory waits for the reaper to hand it back
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -133,7 +134,9 @@ class SessionRegistry:
         entry.session.stop()
         entry.session.close()
         del entry
-        release_freed_memory()
+        # Handed back to the system by the reaper, once for many closed tabs: a full garbage
+        # collection holds the interpreter for about 0.1 s, which stalls the decoding between kernels.
+        self._release_pending = True
         return True
 
     def evict_idle(self) -> list[str]:
@@ -152,7 +155,8 @@ class SessionRegistry:
         for entry in evicted:
             entry.session.close()
         del evicted
-        if idle:
+        if idle or self._release_pending:
+            self._release_pending = False
             release_freed_memory()
         return idle
 

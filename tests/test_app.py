@@ -522,3 +522,16 @@ def test_memory_is_given_back_after_bursts_of_users(served, chat_app):
           + ", ".join(f"{opened:.0f} -> {closed:.0f}" for opened, closed in rounds))
     assert rounds[2][1] <= rounds[0][1] * 1.10
     assert all(closed - before < 0.5 * (opened - before) for opened, closed in rounds[1:])
+
+
+def test_many_streaming_replies_are_redrawn_less_often_each():
+    """One reply is redrawn 10 times a second; with many at once the server's views stay at about
+    VIEWS_PER_S in all (they are built on the cores that decode), the plot slowed alike."""
+    from app_support.handlers import PLOT_EVERY_S, STREAM_EVERY_S, VIEWS_PER_S, redraw_intervals
+
+    assert redraw_intervals(1) == (STREAM_EVERY_S, PLOT_EVERY_S)
+    for streaming in (2, 8, 64):
+        every, plot_every = redraw_intervals(streaming)
+        assert streaming / every <= max(VIEWS_PER_S, streaming / STREAM_EVERY_S) + 1e-9
+        assert every >= STREAM_EVERY_S and plot_every / every == PLOT_EVERY_S / STREAM_EVERY_S
+    assert redraw_intervals(8)[0] == 8 / VIEWS_PER_S
