@@ -1,9 +1,9 @@
 // y = x W^T for int8 weights W [N, K] (one scale per row) on AVX512-VNNI, built by int8_kernel.py.
 //
 // x is quantized on the fly to 8 bits per block of 64 inputs (a scale per block, as llama.cpp does
-// with its Q8 activations), so each block of products is one VNNI instruction: 64 multiply-adds
-// of u8 x s8 into 16 int32 lanes. VNNI multiplies unsigned by signed bytes, so x is stored as
-// q + 128 and 128 * (sum of the block's weights) is taken off again.
+// with its Q8 activations), so a block's products are sums of integers: VNNI multiplies 64 pairs of
+// bytes (u8 x s8) into 16 int32 lanes an instruction. VNNI multiplies unsigned by signed bytes, so x
+// is stored as q + 128 and 128 * (sum of the block's weights) is taken off again.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -11,12 +11,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace {
 
 constexpr int64_t BLOCK = 64;  // inputs per activation scale: one VNNI instruction
-constexpr int ROWS = 4;        // weight rows per tile
-constexpr int TOKENS = 4;      // activation rows per tile
 
 // Per row of x and block of 64 inputs: q + 128 in [1, 255] and the block's scale.
 void quantize_rows(const float* x, int64_t m_total, int64_t k_total, uint8_t* q, float* scales) {
@@ -40,87 +39,90 @@ void quantize_rows(const float* x, int64_t m_total, int64_t k_total, uint8_t* q,
     });
 }
 
-template <int NR, int MT>
-inline void tile(const uint8_t* q, const float* xs, const int8_t* w, const float* sums, const float* ws,
-                 float* y, int64_t k_total, int64_t n_total, int64_t m0, int64_t n0) {
+// The weights are packed for the kernel (int8_kernel.pack): 16 rows at a time, 4 inputs of each
+// row side by side, [N / 16][K / 4][16][4] bytes. One 64-byte load is then 4 inputs of 16 rows and
+// one VNNI instruction against 4 inputs of x broadcast to every lane adds each row's 4 products in
+// its own lane: no sum across lanes, and one conversion to float per 16 rows and block (not per row).
+// Each block's integer sums start from -128 x the sum of its weights (the unsigned offset taken off
+// exactly, in integers: block_sums, [N / 16][K / 64][16] int32).
+template <int MT>
+inline void group_tile(const uint8_t* q, const float* xs, const int8_t* w, const int32_t* sums, const float* ws,
+                       float* y, int64_t k_total, int64_t n_padded, int64_t m0, int64_t group) {
     const int64_t blocks = k_total / BLOCK;
-    __m512 acc[MT][NR];
-    for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    const int8_t* weights = w + group * 16 * k_total;
+    const int32_t* offsets = sums + group * blocks * 16;
+    __m512 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
-        __m512i wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + (n0 + j) * k_total + b * BLOCK);
-        for (int i = 0; i < MT; ++i) {
-            const __m512i xv = _mm512_loadu_si512(q + (m0 + i) * k_total + b * BLOCK);
-            const __m512 scale = _mm512_set1_ps(xs[(m0 + i) * blocks + b]);
-            for (int j = 0; j < NR; ++j) {
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[j]);
-                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][j]);
+        const __m512i start = _mm512_loadu_si512(offsets + b * 16);
+        __m512i dot[MT];
+        for (int i = 0; i < MT; ++i) dot[i] = start;
+        const int8_t* block = weights + b * BLOCK * 16;
+        for (int t = 0; t < BLOCK / 4; ++t) {
+            const __m512i wv = _mm512_loadu_si512(block + t * 64);
+            for (int i = 0; i < MT; ++i) {
+                int32_t four;
+                std::memcpy(&four, q + (m0 + i) * k_total + b * BLOCK + t * 4, 4);
+                dot[i] = _mm512_dpbusd_epi32(dot[i], _mm512_set1_epi32(four), wv);
             }
         }
+        for (int i = 0; i < MT; ++i)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(xs[(m0 + i) * blocks + b]), acc[i]);
     }
-    for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < NR; ++j) {
-            const int64_t m = m0 + i, n = n0 + j;
-            // The offset's share: over blocks, x's scale x 128 x the block's weight sum.
-            float correction = 0.f;
-            for (int64_t b = 0; b < blocks; ++b) correction += xs[m * blocks + b] * sums[n * blocks + b];
-            y[m * n_total + n] = (_mm512_reduce_add_ps(acc[i][j]) - correction) * ws[n];
-        }
+    const __m512 scale = _mm512_loadu_ps(ws + group * 16);
+    for (int i = 0; i < MT; ++i) _mm512_storeu_ps(y + (m0 + i) * n_padded + group * 16, _mm512_mul_ps(acc[i], scale));
 }
 
-template <int NR>
-inline void tokens(int64_t mt, const uint8_t* q, const float* xs, const int8_t* w, const float* c, const float* ws,
-                   float* y, int64_t k, int64_t n, int64_t m0, int64_t n0) {
-    switch (mt) {
-        case 4: tile<NR, 4>(q, xs, w, c, ws, y, k, n, m0, n0); break;
-        case 3: tile<NR, 3>(q, xs, w, c, ws, y, k, n, m0, n0); break;
-        case 2: tile<NR, 2>(q, xs, w, c, ws, y, k, n, m0, n0); break;
-        default: tile<NR, 1>(q, xs, w, c, ws, y, k, n, m0, n0); break;
-    }
-}
+constexpr int TOKENS = 8;  // activation rows per tile: each weight load serves this many
 
-// x [M, K] (float32 or bfloat16), weight [N, K] int8, scale [N] float32, block_sums [N, K / 64]
-// float32 (128 * the sum of each block's weights): y [M, N] in x's dtype.
+// x [M, K] (float32 or bfloat16), weight packed [N / 16, K / 4, 16, 4] int8 (N padded to 16),
+// scale [N padded] float32, block_sums [N / 16, K / 64, 16] int32: y [M, out_features] in x's dtype.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                       const at::Tensor& block_sums) {
-    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "int8_linear: shapes");
+                       const at::Tensor& block_sums, int64_t out_features) {
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4
+                && x.size(1) == weight.size(1) * 4, "int8_linear: shapes");
     TORCH_CHECK(x.size(1) % BLOCK == 0, "int8_linear: K must be a multiple of 64");
     TORCH_CHECK(weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat
-                && block_sums.scalar_type() == at::kFloat, "int8_linear: dtypes");
+                && block_sums.scalar_type() == at::kInt, "int8_linear: dtypes");
+    const int64_t groups = weight.size(0), n_padded = groups * 16;
+    TORCH_CHECK(scale.numel() == n_padded && block_sums.numel() == n_padded * (x.size(1) / BLOCK)
+                && out_features <= n_padded, "int8_linear: scale and sums must match the packed weight");
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     const at::Tensor w = weight.contiguous(), ws = scale.contiguous(), sums = block_sums.contiguous();
-    const int64_t m_total = xf.size(0), k_total = xf.size(1), n_total = w.size(0), blocks = k_total / BLOCK;
+    const int64_t m_total = xf.size(0), k_total = xf.size(1), blocks = k_total / BLOCK;
     at::Tensor q = at::empty({m_total, k_total}, xf.options().dtype(at::kByte));
     at::Tensor xs = at::empty({m_total, blocks}, xf.options());
     quantize_rows(xf.data_ptr<float>(), m_total, k_total, q.data_ptr<uint8_t>(), xs.data_ptr<float>());
-    at::Tensor y = at::empty({m_total, n_total}, xf.options());
+    at::Tensor y = at::empty({m_total, n_padded}, xf.options());
     const uint8_t* qp = q.data_ptr<uint8_t>();
-    const float *xsp = xs.data_ptr<float>(), *cp = sums.data_ptr<float>(), *wsp = ws.data_ptr<float>();
+    const float *xsp = xs.data_ptr<float>(), *wsp = ws.data_ptr<float>();
+    const int32_t* sp = sums.data_ptr<int32_t>();
     const int8_t* wp = w.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    const int64_t row_tiles = (n_total + ROWS - 1) / ROWS;
-    at::parallel_for(0, row_tiles, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
-            const int64_t n0 = tile_index * ROWS, nr = std::min<int64_t>(ROWS, n_total - n0);
+    at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
+        for (int64_t group = begin; group < end; ++group) {
             for (int64_t m0 = 0; m0 < m_total; m0 += TOKENS) {
-                const int64_t mt = std::min<int64_t>(TOKENS, m_total - m0);
-                switch (nr) {
-                    case 4: tokens<4>(mt, qp, xsp, wp, cp, wsp, yp, k_total, n_total, m0, n0); break;
-                    case 3: tokens<3>(mt, qp, xsp, wp, cp, wsp, yp, k_total, n_total, m0, n0); break;
-                    case 2: tokens<2>(mt, qp, xsp, wp, cp, wsp, yp, k_total, n_total, m0, n0); break;
-                    default: tokens<1>(mt, qp, xsp, wp, cp, wsp, yp, k_total, n_total, m0, n0); break;
+                switch (std::min<int64_t>(TOKENS, m_total - m0)) {
+                    case 8: group_tile<8>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 7: group_tile<7>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 6: group_tile<6>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 5: group_tile<5>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 4: group_tile<4>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 3: group_tile<3>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    case 2: group_tile<2>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
+                    default: group_tile<1>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;
                 }
             }
         }
     });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    at::Tensor out = out_features == n_padded ? y : y.narrow(1, 0, out_features).contiguous();
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lckv, m) {
-    m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor block_sums) -> Tensor");
+    m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor block_sums, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lckv, CPU, m) { m.impl("int8_linear", &int8_linear); }

@@ -77,19 +77,43 @@ def _load() -> tuple[bool, str | None]:
 def _register_fake() -> None:
     """The ops' output shapes for the compiler (TorchInductor traces them without running them)."""
     @torch.library.register_fake("lckv::int8_linear")
-    def _(x, weight, scale, block_sums):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, scale, block_sums, out_features):
+        return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("lckv::decode_attention")
     def _(query, keys, values, visible):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
-def block_sums(qweight: torch.Tensor) -> torch.Tensor:
-    """128 x the sum of each block of 64 weights [N, K / 64] (float32): what the kernel's unsigned
-    activation offset adds to each block's products."""
+ROW_GROUP = 16  # weight rows the kernel takes at a time (one int32 lane each)
+
+
+def pack(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] in the kernel's layout [N / 16, K / 4, 16, 4]: 16 rows at a time, 4 inputs
+    of each side by side (N padded with zero rows to a multiple of 16)."""
     rows, columns = qweight.shape
-    return 128 * qweight.view(rows, columns // BLOCK, BLOCK).sum(-1, dtype=torch.int32).float()
+    padded = torch.nn.functional.pad(qweight, (0, 0, 0, -rows % ROW_GROUP))
+    return padded.view(-1, ROW_GROUP, columns // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """`pack`'s input back: [N, K] int8."""
+    groups, fours = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(groups * ROW_GROUP, fours * 4)[:rows]
+
+
+def block_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """-128 x the sum of each block of 64 weights, [N / 16, K / 64, 16] int32 (rows padded as in
+    `pack`): where each block's integer sums start, so that the unsigned activation offset cancels."""
+    rows, columns = qweight.shape
+    sums = -128 * qweight.view(rows, columns // BLOCK, BLOCK).sum(-1, dtype=torch.int32)
+    sums = torch.nn.functional.pad(sums, (0, 0, 0, -rows % ROW_GROUP))
+    return sums.view(-1, ROW_GROUP, columns // BLOCK).transpose(1, 2).contiguous()
+
+
+def padded_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The rows' scales [N] padded as in `pack` (float32)."""
+    return torch.nn.functional.pad(scale.float(), (0, -scale.numel() % ROW_GROUP))
 
 
 DECODE_ATTENTION_TYPES = (torch.float32, torch.bfloat16)  # of the keys and values

@@ -106,9 +106,14 @@ class QuantizedLinear(nn.Module):
         elif fmt == "int8":
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             qweight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            self.register_buffer("qweight", qweight)
-            self.register_buffer("scale", scale if self.vnni else scale.to(COMPUTE_DTYPE))
-            self.register_buffer("block_sums", int8_kernel.block_sums(qweight) if self.vnni else None)
+            if self.vnni:  # in the kernel's layout (int8_kernel.pack)
+                self.register_buffer("qweight", int8_kernel.pack(qweight))
+                self.register_buffer("scale", int8_kernel.padded_scale(scale))
+                self.register_buffer("block_sums", int8_kernel.block_sums(qweight))
+            else:
+                self.register_buffer("qweight", qweight)
+                self.register_buffer("scale", scale.to(COMPUTE_DTYPE))
+                self.register_buffer("block_sums", None)
         elif fmt == "int4":
             if not fits_int4(weight.shape, group_size):
                 raise ValueError(f"a {tuple(weight.shape)} weight cannot be packed in int4 groups of {group_size}")
@@ -131,7 +136,7 @@ class QuantizedLinear(nn.Module):
             if self.format == "int4":
                 out = torch.ops.lckv.int4_linear(flat, self.qweight, self.scale, self.minimum)
             else:
-                out = torch.ops.lckv.int8_linear(flat, self.qweight, self.scale, self.block_sums)
+                out = torch.ops.lckv.int8_linear(flat, self.qweight, self.scale, self.block_sums, self.out_features)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
             return out.view(*x.shape[:-1], self.out_features)
