@@ -174,3 +174,17 @@ def test_settings_name_the_formats():
         assert QuantizationSettings("int4", "int4", 64).label == "int4-g64 VNNI"
     with pytest.raises(ValueError, match="kernel"):
         QuantizationSettings(kernel="fast")
+
+
+def test_the_kernel_layout_round_trips_and_pads_to_whole_groups_of_16_rows():
+    """`pack` puts 4 inputs of 16 rows in each 64 bytes; `block_sums` holds where each block's
+    integer sums start (-128 x its weights' sum), in the same row groups."""
+    q = torch.randint(-127, 128, (20, 128), dtype=torch.int8)
+    packed = int8_kernel.pack(q)
+    assert packed.shape == (2, 32, 16, 4)
+    assert torch.equal(packed[1, 5, 2], q[18, 20:24])  # group 1, inputs 20-23 of its row 2
+    assert torch.equal(int8_kernel.unpack(packed, 20), q)
+    assert (int8_kernel.unpack(packed, 32)[20:] == 0).all()
+    sums = int8_kernel.block_sums(q)
+    assert sums.shape == (2, 2, 16) and sums.dtype == torch.int32
+    assert sums[0, 1, 3].item() == -128 * q[3, 64:].sum().item() and (sums[1, :, 4:] == 0).all()
