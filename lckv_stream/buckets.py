@@ -455,6 +455,7 @@ class SideCompiler:
         self._queue: list[tuple[Bucket, int]] = []
         self._ready: list[tuple[Bucket, int, Callable | str, float]] = []
         self._working = 0  # compiles under way (taken from the queue, not ready yet)
+        self._installing = 0  # ready compiles the engine's thread is installing now
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -468,7 +469,8 @@ class SideCompiler:
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + self._working + len(self._ready)
+        """Compiles not installed yet (queued, under way, ready, or being installed)."""
+        return len(self._queue) + self._working + len(self._ready) + self._installing
 
     @property
     def has_ready(self) -> bool:
@@ -517,6 +519,7 @@ class SideCompiler:
         try:
             with self._wake:
                 ready, self._ready = self._ready, []
+                self._installing = len(ready)
             for bucket, size, function, seconds in ready:
                 counters.compiles_finished += 1
                 counters.compile_seconds += seconds
@@ -524,7 +527,9 @@ class SideCompiler:
                     bucket.install_compiled(size, function)
                 else:
                     bucket.compile_failed(size, function)
+                self._installing -= 1
         finally:
+            self._installing = 0
             self.lock.release()
 
 
