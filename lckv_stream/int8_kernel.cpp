@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -99,8 +100,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     const int32_t* sp = sums.data_ptr<int32_t>();
     const int8_t* wp = w.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
-        for (int64_t group = begin; group < end; ++group) {
+    // The threads take chunks of row groups as they come free, not a fixed share each: when the
+    // machine is busy (the web server on the same two cores), a thread the OS set aside holds up
+    // only its own chunk, not half of the product.
+    const int64_t chunk = std::max<int64_t>(1, groups / (8 * at::get_num_threads()));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (int64_t first = next.fetch_add(chunk); first < groups; first = next.fetch_add(chunk))
+        for (int64_t group = first; group < std::min(first + chunk, groups); ++group) {
             for (int64_t m0 = 0; m0 < m_total; m0 += TOKENS) {
                 switch (std::min<int64_t>(TOKENS, m_total - m0)) {
                     case 8: group_tile<8>(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, group); break;

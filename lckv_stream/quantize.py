@@ -97,7 +97,7 @@ class QuantizedLinear(nn.Module):
         if fmt == "int4":
             self.vnni = vnni and int4_kernel.fits(weight.shape, group_size) and int4_kernel.available()
         else:
-            self.vnni = vnni and int8_kernel.fits(self.in_features)
+            self.vnni = vnni and int8_kernel.fits(self.in_features) and int8_kernel.available()
         if fmt == "int4" and self.vnni:
             q, scale, minimum = int4_kernel.quantize(weight, group_size)
             self.register_buffer("qweight", int4_kernel.pack(q))
