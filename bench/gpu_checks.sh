@@ -10,6 +10,7 @@
 #            minutes), the scheduler's ceiling, 1-64 conversations against the raw step, a profile of
 #            the steps (JSON written after each part), then the engine's GPU tests; about 9 minutes.
 #            The compile cache it fills is copied to OUT/inductor.tar.gz for the next mode.
+#            LCKV_WHOLE_STEP_GRAPH=1 in the environment measures the engine with each step in one graph.
 #   engine-restart : run right after `engine` on the same machine (or with OUT/inductor.tar.gz
 #            unpacked into ~/.cache/lckv-stream/inductor): engine start to first token with that
 #            warm compile cache, then 64 conversations x 500 turns; about 8 minutes

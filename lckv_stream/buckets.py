@@ -69,6 +69,8 @@ class StepOptions:
     graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
+    # A whole step (sampler, model step, bookkeeping) in one graph; off until measured on a GPU.
+    whole_step: bool = False
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
     compile_options: dict | None = None  # TorchInductor options (None: decoding.compile_options_for)
     name: str | None = None  # what the eager step is called (the CPU fast path: "CPU, int8")
@@ -163,7 +165,8 @@ class Bucket:
             self.decoder(size)
             self._samplers[(size, default_width)] = self._capture_sampler(size, default_width)
             self.counters.graphs_captured += 1
-            self._capture_whole_step(size, default_width)
+            if options.whole_step:
+                self._capture_whole_step(size, default_width)
         if options.compile and self._compiler is not None:
             self._submit_compiles()
 
@@ -352,7 +355,7 @@ class Bucket:
         key = (size, width)
         if key in self._whole_steps:
             return self._whole_steps[key]
-        if not self.graphs:
+        if not (self.graphs and self.options.whole_step):
             return None
         lock = self._compiler.lock if self._compiler is not None else None
         if lock is not None and not lock.acquire(blocking=False):

@@ -281,6 +281,7 @@ class Engine:
             use_cpu_threads()
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
                                     prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0",
+                                    whole_step=os.environ.get("LCKV_WHOLE_STEP_GRAPH", "0") == "1",
                                     compiled_classes=self.settings.compiled_classes,
                                     compile_options=CPU_COMPILE_OPTIONS if cpu_fast else None,
                                     name=fast_path_name() if cpu_fast else None)

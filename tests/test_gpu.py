@@ -231,13 +231,16 @@ def _engine_replies(engine, conversations) -> list:
     return results
 
 
-def test_engine_graphs_give_the_tokens_of_the_eager_engine():
+@pytest.mark.parametrize("whole_step", ["0", "1"])
+def test_engine_graphs_give_the_tokens_of_the_eager_engine(monkeypatch, whole_step):
     """Batched steps replayed from CUDA graphs (one per batch size class), the sampler replayed from
-    graphs, prefill staged through the spare row: the same kernels as the eager engine, so the same
-    tokens, for conversations of two buckets batched together."""
+    graphs (or, with LCKV_WHOLE_STEP_GRAPH=1, the whole step in one graph), prefill staged through the
+    spare row: the same kernels as the eager engine, so the same tokens, for conversations of two
+    buckets batched together."""
     from lckv_stream.default_model import default_layer_types
     from lckv_stream.engine import Engine, EngineSettings
 
+    monkeypatch.setenv("LCKV_WHOLE_STEP_GRAPH", whole_step)
     model = smollm_shaped(default_layer_types())
     conversations = _conversations(49152)
     eager = _engine_replies(Engine(model, EngineSettings(max_batch=8, graphs=False)), conversations)
@@ -249,6 +252,8 @@ def test_engine_graphs_give_the_tokens_of_the_eager_engine():
     stats = engine.stats()
     # Each bucket steps on its own: four shapes here (windows 256, 256 with sink 32, 1024, 2048).
     assert stats.tokens > stats.steps and len(stats.buckets) == 4
+    names = [bucket.decoder_name(size) for bucket in engine._buckets.values() for size in bucket.classes]
+    assert all(("one graph a step" in name) == (whole_step == "1") and "failed" not in name for name in names), names
 
 
 def test_engine_prefill_graphs_and_offload_to_pinned_memory():
