@@ -66,6 +66,9 @@ class _Entry:
     page: PageState = field(default_factory=PageState)
 
 
+RELEASE_AFTER_S = 1.0  # closed sessions' memory goes back to the system this long after the first closes
+
+
 class SessionRegistry:
     """Creates, finds and frees the ChatSession of each browser session."""
 
@@ -80,7 +83,7 @@ class SessionRegistry:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._evicted: OrderedDict[str, bool] = OrderedDict()
-        self._release_pending = False  # a closed session's memory waits for the reaper to hand it back
+        self._release_timer: threading.Timer | None = None  # hands closed sessions' memory back
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -128,16 +131,37 @@ class SessionRegistry:
         """Forget `key`'s session and free its memory (a closed tab); a streaming reply is stopped first."""
         with self._lock:
             entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._schedule_release()  # pending from now on; runs after this close is done
         if entry is None:
             return False
         entry.page.halt.set()
         entry.session.stop()
         entry.session.close()
         del entry
-        # Handed back to the system by the reaper, once for many closed tabs: a full garbage
-        # collection holds the interpreter for about 0.1 s, which stalls the decoding between kernels.
-        self._release_pending = True
         return True
+
+    @property
+    def release_pending(self) -> bool:
+        """Whether closed sessions' memory is still to be handed back (`RELEASE_AFTER_S`)."""
+        return self._release_timer is not None
+
+    def _schedule_release(self) -> None:
+        """(With the lock held.) Once for all the tabs closed within RELEASE_AFTER_S, off the request's
+        thread: a full garbage collection holds the interpreter for about 0.1 s, which stalls the
+        decoding between kernels."""
+        if self._release_timer is not None:
+            return
+        self._release_timer = threading.Timer(RELEASE_AFTER_S, self._release_now)
+        self._release_timer.daemon = True
+        self._release_timer.start()
+
+    def _release_now(self) -> None:
+        try:
+            release_freed_memory()
+        finally:
+            with self._lock:
+                self._release_timer = None
 
     def evict_idle(self) -> list[str]:
         """Drop sessions unused for longer than idle_seconds (never one that is generating)."""
@@ -155,8 +179,7 @@ class SessionRegistry:
         for entry in evicted:
             entry.session.close()
         del evicted
-        if idle or self._release_pending:
-            self._release_pending = False
+        if idle:
             release_freed_memory()
         return idle
 

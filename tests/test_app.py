@@ -514,6 +514,7 @@ def test_memory_is_given_back_after_bursts_of_users(served, chat_app):
         # Gradio's own state of each session goes too.
         wait_for(lambda: not hashes & (set(chat_app.registry._entries) | set(served.demo.state_holder.session_data)),
                  timeout_s=60)
+        wait_for(lambda: not chat_app.registry.release_pending, timeout_s=30)  # once for all, soon after
         return opened, process_rss_mb()
 
     before = process_rss_mb()

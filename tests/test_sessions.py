@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -103,3 +104,21 @@ def test_generation_slots_count_and_release():
     assert slots.active == 0
     with pytest.raises(ValueError):
         GenerationSlots(0)
+
+
+def test_closed_tabs_memory_is_handed_back_once_soon_after(registry, monkeypatch):
+    """Many tabs closed together: one hand-back (a full collection holds the interpreter) on a timer,
+    not one per tab in the requests."""
+    import app_support.sessions as sessions
+
+    calls = []
+    monkeypatch.setattr(sessions, "RELEASE_AFTER_S", 0.2)
+    monkeypatch.setattr(sessions, "release_freed_memory", lambda: calls.append(1) or True)
+    for key in ("a", "b", "c"):
+        registry.get(key)
+    assert all(registry.drop(key) for key in ("a", "b", "c"))
+    assert registry.release_pending and calls == []
+    deadline = time.monotonic() + 10
+    while registry.release_pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not registry.release_pending and calls == [1]
