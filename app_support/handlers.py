@@ -67,6 +67,8 @@ def redraw_intervals(streaming: int) -> tuple[float, float]:
         return 0.0, PLOT_EVERY_S
     every = max(STREAM_EVERY_S, streaming / VIEWS_PER_S)
     return every, PLOT_EVERY_S * every / STREAM_EVERY_S
+
+
 DEMO_TURNS = (5, 500)
 NO_MESSAGE = "there is no message to answer: send one first (each message is answered once)"
 NOT_SAVED = "conversations are not saved on this server (LCKV_STORE=off)"
