@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from gradio_client import Client  # noqa: E402
 
+from bench.users_workload import add_workload_arguments, message  # noqa: E402
 from served_app import serve_subprocess  # noqa: E402
 
 STATUS, NUMBERS = 1, 4  # the status line and the raw metrics among the reply events' outputs
@@ -40,7 +41,7 @@ def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> Non
     client = Client(url, verbose=False)
     tokens = 0
     for turn in range(turns):
-        sent = client.predict(f"I am {name}. Tell me something about the number {turn}.", "", 4, 1024, None,
+        sent = client.predict(message(name, turn), "", 4, 1024, None,
                               api_name="/send")
         assert not sent[STATUS].startswith("⚠️"), sent[STATUS]
         job = client.submit(max_new_tokens, 0.7, 0.9, api_name="/respond")
@@ -84,11 +85,7 @@ def warm_up(url: str, timeout_s: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--users", nargs="+", type=int, default=[8])
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_workload_arguments(parser)
     parser.add_argument("--compile-timeout", type=float, default=900,
                         help="seconds to wait for the engine's steps to compile before measuring")
     parser.add_argument("--out", type=Path)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.users_workload import add_workload_arguments, message  # noqa: E402
 from lckv_stream import buckets, engine as engine_module  # noqa: E402
 from lckv_stream.chat import CacheSettings, ChatSession, TokenEvent  # noqa: E402
 from lckv_stream.chat_format import ChatFormat  # noqa: E402
@@ -74,7 +75,7 @@ def conversation(model, tokenizer, engine: Engine, name: str, turns: int, settin
     session = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 1024), engine=engine)
     tokens = 0
     for turn in range(turns):
-        for event in session.send(f"I am {name}. Tell me something about the number {turn}.", settings):
+        for event in session.send(message(name, turn), settings):
             tokens += isinstance(event, TokenEvent)
     session.close()
     return tokens
@@ -95,11 +96,7 @@ def run(model, tokenizer, engine: Engine, users: int, turns: int, settings: Samp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--users", nargs="+", type=int, default=[8])
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_workload_arguments(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, "cpu")
