@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from gradio_client import Client  # noqa: E402
 
-from bench.users_workload import add_workload_arguments, message  # noqa: E402
+from bench.users_workload import SINK, WINDOW, add_workload_arguments, message  # noqa: E402
 from served_app import serve_subprocess  # noqa: E402
 
 STATUS, NUMBERS = 1, 4  # the status line and the raw metrics among the reply events' outputs
@@ -41,7 +41,7 @@ def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> Non
     client = Client(url, verbose=False)
     tokens = 0
     for turn in range(turns):
-        sent = client.predict(message(name, turn), "", 4, 1024, None,
+        sent = client.predict(message(name, turn), "", SINK, WINDOW, None,
                               api_name="/send")
         assert not sent[STATUS].startswith("⚠️"), sent[STATUS]
         job = client.submit(max_new_tokens, 0.7, 0.9, api_name="/respond")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.users_workload import add_workload_arguments, message  # noqa: E402
+from bench.users_workload import SINK, WINDOW, add_workload_arguments, message  # noqa: E402
 from lckv_stream import buckets, engine as engine_module  # noqa: E402
 from lckv_stream.chat import CacheSettings, ChatSession, TokenEvent  # noqa: E402
 from lckv_stream.chat_format import ChatFormat  # noqa: E402
@@ -72,7 +72,7 @@ class EngineClock:
 
 
 def conversation(model, tokenizer, engine: Engine, name: str, turns: int, settings: SamplingSettings) -> int:
-    session = ChatSession(model, tokenizer, cache_settings=CacheSettings(4, 1024), engine=engine)
+    session = ChatSession(model, tokenizer, cache_settings=CacheSettings(SINK, WINDOW), engine=engine)
     tokens = 0
     for turn in range(turns):
         for event in session.send(message(name, turn), settings):
@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, "cpu")
-    sink = max(4, ChatFormat(tokenizer).pinned_prefix_length(None))
-    engine = Engine(model, EngineSettings.for_device(model.device, max_batch=max(args.users), warm_shape=(sink, 1024)))
+    sink = max(SINK, ChatFormat(tokenizer).pinned_prefix_length(None))
+    engine = Engine(model, EngineSettings.for_device(model.device, max_batch=max(args.users), warm_shape=(sink, WINDOW)))
     settings = SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens)
     clock = EngineClock()
     while engine.stats().compiling:  # the compiled steps first: a compile takes the same cores

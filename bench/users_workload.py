@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+SINK, WINDOW = 4, 1024  # every user's cache settings (the app's defaults)
+
 
 def message(name: str, turn: int) -> str:
     """What user `name` says at `turn` (its name in it, to check for cross-talk)."""
