@@ -84,6 +84,9 @@ class ForwardContext:
     decode_kernel: bool = False  # one-token call through the Triton kernel
     sink_cos: torch.Tensor | None = None  # decode kernel: RoPE of the sink keys' places [batch, sink, dim]
     sink_sin: torch.Tensor | None = None
+    # A chunk's cached key columns (full buffers, ring buffers): every slot, or (eager calls) only the
+    # leading ones any row holds, so early in a conversation a chunk does not score empty slots.
+    columns: tuple[int, int] = (0, 0)
     padded: bool = False  # some rows start with padding: masks instead of the fused causal kernel
     most_padding: int = 0  # the largest row padding (host), for the sink columns to re-score
     produced: dict[int, ProducedKV] = field(default_factory=dict)
@@ -126,7 +129,12 @@ class ForwardContext:
             context._refresh_sink_keys(context.shift[:, -1])
         if steps == 1:
             context.slot, context.ring_slot = cache.claim_next_slot(input_ids)
-        elif cache.sink > 0 and (_capturing(input_ids) or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
+            return context
+        if _capturing(input_ids) or torch.compiler.is_compiling():  # fixed shapes: every slot
+            context.columns = (cache.capacity, cache.ring_capacity)
+        else:
+            context.columns = (cache.held_columns(), cache.held_columns(ring=True) if cache.ring_layers else 0)
+        if cache.sink > 0 and (_capturing(input_ids) or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
             # Re-score sink columns per query when the call overflows the cache; a captured call
             # always does (it is exact either way, and the check would need the host).
             context.sink_query_cos, context.sink_query_sin = rope(query_index - context.shift, dtype)
@@ -160,9 +168,10 @@ class ForwardContext:
             cache.write_token(layer, self.ring_slot if cache.on_ring(layer) else self.slot, keys, raw_keys, values)
             self.produced[layer] = ProducedKV(cache.layer_keys(layer), cache.layer_values(layer))
         else:
+            columns = self.columns[cache.on_ring(layer)]
             self.produced[layer] = ProducedKV(
-                torch.cat((cache.layer_keys(layer), keys), dim=2),
-                torch.cat((cache.layer_values(layer), values), dim=2),
+                torch.cat((cache.layer_keys(layer)[:, :, :columns], keys), dim=2),
+                torch.cat((cache.layer_values(layer)[:, :, :columns], values), dim=2),
                 keys, raw_keys, values,
             )
 
@@ -209,10 +218,12 @@ class ForwardContext:
             # One token per row: the row's folded query rows all see the same slots.
             out = torch.ops.lckv.decode_attention(folded, kv.keys, kv.values, mask[:, 0, 0])
             return _unfold_heads(out, self.groups)  # rows that see no key are zeros already
+        # A cache kept in a more compact dtype than the activations (the CPU fast path) is read in theirs.
+        keys, values = kv.keys.to(folded.dtype), kv.values.to(folded.dtype)
         if self.slot is not None and query.device.type in SPLIT_DECODE_DEVICES and torch.compiler.is_compiling():
-            out = _decode_attention(folded, kv.keys, kv.values, mask)
+            out = _decode_attention(folded, keys, values, mask)
         elif self.sink_query_cos is None:
-            out = F.scaled_dot_product_attention(folded, kv.keys, kv.values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
         else:
             sink_query = _fold_heads(apply_rope(query, self.sink_query_cos, self.sink_query_sin), self.groups)
             out = self._attention_with_sink_rescore(folded, sink_query, source, mask)
@@ -242,7 +253,7 @@ class ForwardContext:
         cached = cache.ring_index if ring else cache.token_index
         if self.slot is not None:
             return cached
-        return torch.cat((cached, self.query_index), dim=1)
+        return torch.cat((cached[:, : self.columns[ring]], self.query_index), dim=1)
 
     def _mask(self, no_diagonal: bool, sliding: bool, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key;
@@ -289,7 +300,7 @@ class ForwardContext:
         if ring not in self._sink_plans:
             cache = self.cache
             device = self.query_index.device
-            capacity = cache.ring_capacity if ring else cache.capacity
+            capacity = self.columns[ring]  # where the new tokens' columns start
             new_sinks = min(cache.sink + self.most_padding, self.steps)  # a row's sinks follow its padding
             columns = torch.cat((torch.arange(cache.sink, device=device),
                                  torch.arange(capacity, capacity + new_sinks, device=device)))

@@ -254,6 +254,14 @@ class SinkWindowCache:
         """Whether each stream index [batch, ...] is one of its row's sinks."""
         return (index >= 0) & (index < self._per_row(self.row_sink, index))
 
+    def held_columns(self, ring: bool = False) -> int:
+        """How many leading slots a chunk's attention must read (the sinks' slots at least): no row
+        holds a token past them. Slots fill in order until a ring wraps, so early in a conversation
+        this is far less than the capacity. Reads the device on the host: eager calls only."""
+        index = self.ring_index if ring else self.token_index
+        held = (index != EMPTY).any(dim=0).nonzero()
+        return max(self.sink, int(held[-1]) + 1 if held.numel() else 0)
+
     def kept_in_chunk(self, row: int, start: int, steps: int, ring: bool = False) -> torch.Tensor:
         """Offsets in a chunk of `steps` tokens from stream index `start` that the row keeps: its
         sinks and the last `window` tokens (the rest would be evicted within the chunk); with `ring`,
@@ -291,20 +299,21 @@ class SinkWindowCache:
         at = (self._batch_rows, self._heads, slot.view(-1, 1))
         active = self.active.view(-1, 1, 1)
         layer_keys, layer_values = self.keys[row], self.values[row]
-        layer_keys.index_put_(at, torch.where(active, keys[:, :, 0], layer_keys[at]))
-        layer_values.index_put_(at, torch.where(active, values[:, :, 0], layer_values[at]))
+        dtype = layer_keys.dtype  # the cache may be kept in a more compact dtype than the activations
+        layer_keys.index_put_(at, torch.where(active, keys[:, :, 0].to(dtype), layer_keys[at]))
+        layer_values.index_put_(at, torch.where(active, values[:, :, 0].to(dtype), layer_values[at]))
         if self.sink:
             # Only a sink's raw key is kept; other tokens land in a clamped slot that is never read.
             sink_keys = self.sink_keys[row]
             at_sink = (self._batch_rows, self._heads, slot.clamp(max=self.sink - 1).view(-1, 1))
             is_sink = (slot < self.sink).view(-1, 1, 1) & active
-            sink_keys.index_put_(at_sink, torch.where(is_sink, raw_keys[:, :, 0], sink_keys[at_sink]))
+            sink_keys.index_put_(at_sink, torch.where(is_sink, raw_keys[:, :, 0].to(dtype), sink_keys[at_sink]))
 
     def write_rotated_sinks(self, rotated: torch.Tensor) -> None:
         """Overwrite the sink slots' keys with `rotated` [producers, batch, kv_heads, sink, dim]."""
         at = (self._batch_rows.view(-1, 1, 1), self._heads.view(1, -1, 1), self._sink_slots.view(1, 1, -1))
         for keys, rotated_keys in zip(self.keys, rotated):
-            keys.index_put_(at, rotated_keys)
+            keys.index_put_(at, rotated_keys.to(keys.dtype))
 
     def finish_token(self) -> None:
         self.seen += self.active.long()
@@ -319,6 +328,7 @@ class SinkWindowCache:
             self._write_short_chunk(keys, raw_keys, values, token_ids)
             return
         padding = padding or [0] * self.batch_size
+        keys, raw_keys, values = keys.to(self.dtype), raw_keys.to(self.dtype), values.to(self.dtype)
         for row, start in enumerate(self.seen.tolist()):
             for ring in (False, True) if self.ring_layers else (False,):
                 layers = [i for i, layer in enumerate(self.producers) if (layer in self.ring_layers) == ring]
@@ -347,6 +357,7 @@ class SinkWindowCache:
         """write_chunk for T <= every row's window: the T new tokens land in T distinct slots, so each
         buffer is written by one scatter on the device, with no host sync (a CUDA graph can capture it)."""
         steps = token_ids.shape[1]
+        keys, raw_keys, values = keys.to(self.dtype), raw_keys.to(self.dtype), values.to(self.dtype)
         index = self.seen.view(-1, 1) + torch.arange(steps, device=self.device)  # [batch, T]
         slots = self.slot_of(index)
         ring_slots = self.slot_of(index, ring=True) if self.ring_layers else slots
@@ -407,19 +418,40 @@ class SinkWindowCache:
             self._sizes[self._first + row] = list(size)
 
     def row_state(self, row: int, into: dict[str, torch.Tensor] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
-        """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back)."""
+        """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back).
+        Only the slots the row holds are copied (`held`): early in a conversation, a small part."""
         view = self.rows(row, row + 1)
         if into is None:
             into = {name: torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu", pin_memory=pin)
                     for name, buffer in view._state(sizes=True)}
-        view.snapshot(into)
+        held = view.held_columns(), view.held_columns(ring=True) if self.ring_layers else 0
+        for name, buffer in view._state(sizes=True):
+            part = view._held_part(name, held)
+            into[name][part].copy_(buffer[part], non_blocking=True)
+        into["held"] = torch.tensor(held)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the copy is read on the host next
         return into
 
     def load_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
-        """Put a row state (from `row_state`, any row of a cache of the same shape) into `row`."""
-        self.rows(row, row + 1).restore(state)
+        """Put a row state (from `row_state`, any row of a cache of the same shape) into `row`. The
+        keys and values of the slots it did not hold are left as they are: their stream index is
+        empty, so they are never read."""
+        view = self.rows(row, row + 1)
+        held = tuple(state["held"].tolist())
+        for name, buffer in view._state(sizes=True):
+            part = view._held_part(name, held)
+            buffer[part].copy_(state[name][part], non_blocking=True)
+        sink, window = state["row_sink"].tolist()[0], state["row_window"].tolist()[0]
+        self._sizes[self._first + row] = [sink, window]
+
+    def _held_part(self, name: str, held: tuple[int, int]) -> tuple[slice, ...]:
+        """The part of state buffer `name` to copy, given the held slots (full buffers, ring)."""
+        base, _, layer = name.partition(".")
+        if base in ("keys", "values"):
+            on_ring = self.on_ring(self.producers[int(layer)])
+            return (slice(None), slice(None), slice(0, held[1] if on_ring else held[0]))
+        return (slice(None),)  # the small buffers whole: the stream indices say which slots hold a token
 
     def copy_row(self, source: int, target: int) -> None:
         """Row `target` becomes a copy of row `source` (sizes included), on the device."""

@@ -57,10 +57,12 @@ class ChatFormat:
         ids = set()
         eos = self.tokenizer.eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        vocab = self.tokenizer.get_vocab()
         for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            if name in vocab:
-                ids.add(vocab[name])
+            # One lookup each (not get_vocab(), which builds the whole vocabulary's dict per session);
+            # an unknown name comes back as None or the unknown token's id.
+            token = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(token, int) and self.tokenizer.convert_ids_to_tokens(token) == name:
+                ids.add(token)
         return frozenset(ids)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -26,6 +26,9 @@ CPU_QUANTIZATION = QuantizationSettings("int8")
 # Activations and cache. float32: the VNNI kernel quantizes activations itself, and float32 shares
 # the embeddings with the float model instead of copying them (bfloat16 measured slower: RESULTS.md).
 CPU_DTYPE = torch.float32
+# The cache alone in bfloat16: a batched step reads every row's keys and values, half the bytes
+# (the decode attention kernel reads bfloat16, computes in float32).
+CPU_CACHE_DTYPE = torch.bfloat16
 # Batch size classes whose step is compiled (the others: eager). Compiling one takes about 4 minutes
 # on two cores (on the side, once: cached on disk); batch 8 compiled ran 1.5x faster than eager
 # (62.6 against 93.0 ms a step, bench/cpu_levers.py --batch 8).
@@ -64,11 +67,13 @@ def use_cpu_threads() -> int:
 
 
 def cpu_fast_model(model):
-    """The model the CPU fast path steps: weights quantized (`CPU_QUANTIZATION`), activations and
-    cache in `CPU_DTYPE`; made once per model and kept beside it (the float model stays as it is)."""
+    """The model the CPU fast path steps: weights quantized (`CPU_QUANTIZATION`), activations in
+    `CPU_DTYPE`, cache in `CPU_CACHE_DTYPE`; made once per model and kept beside it (the float
+    model stays as it is)."""
     fast = model.__dict__.get("_lckv_cpu_fast")
     if fast is None:
         fast = quantized_copy(model, CPU_QUANTIZATION, CPU_DTYPE)
+        fast.cache_dtype = CPU_CACHE_DTYPE  # what `new_cache` makes for it
         object.__setattr__(model, "_lckv_cpu_fast", fast)  # not a submodule: its weights are not the model's
     return fast
 

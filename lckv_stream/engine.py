@@ -262,6 +262,7 @@ class _Step:
     (a pinned host buffer and an event on CUDA; the list itself elsewhere)."""
 
     jobs: list
+    indices: list[int]  # each job's row when the step was queued (a later swap may move it)
     tokens: object
     ready: object
 
@@ -741,24 +742,25 @@ class Engine:
                 if job.row.job is job and not job.stop.is_set() and job.stream.backlog < RUN_AHEAD]
         if not jobs:
             return None
-        count = len(jobs)
-        # The rows stepping now first: a step of class c runs rows [0, c).
+        size = batch_class(len(jobs))
+        # A step of class c runs rows [0, c): a row past it trades places with one that does not step.
         stepping = {id(job.row) for job in jobs}
         for job in jobs:
-            if job.row.index >= count:
-                target = next(i for i in range(count) if id(bucket.occupant[i]) not in stepping)
+            if job.row.index >= size:
+                target = next(i for i in range(size) if id(bucket.occupant[i]) not in stepping)
                 bucket.swap(job.row.index, target)
         jobs.sort(key=lambda job: job.row.index)
+        indices = [job.row.index for job in jobs]
         try:
-            tokens = bucket.step(batch_class(count), count)
+            tokens = bucket.step(size, indices)
             if self.device.type == "cuda":
-                host = bucket.host_tokens(count)
+                host = bucket.host_tokens(size)
                 host.copy_(tokens, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
-                step = _Step(jobs, host, ready)
+                step = _Step(jobs, indices, host, ready)
             else:
-                step = _Step(jobs, tokens.tolist(), None)
+                step = _Step(jobs, indices, tokens.tolist(), None)
         except torch.OutOfMemoryError:
             _release_cached_memory()
             self._fail_step(jobs, EngineError("out of memory while generating"))
@@ -790,7 +792,8 @@ class Engine:
         now = time.perf_counter()
         self._steps += 1
         interval = WAKE_MS_PER_ROW * 1e-3 * len(step.jobs)
-        for job, token in zip(step.jobs, tokens):
+        for job, index in zip(step.jobs, step.indices):
+            token = tokens[index]
             job.in_flight -= 1
             if job.row.job is not job:  # ended in an earlier step: this row was not stepped
                 continue
@@ -815,32 +818,71 @@ class Engine:
             self._finish(self._in_flight.pop(0))
 
     def _prefill_chunk(self) -> None:
+        """Encode the next chunk of the messages rows are reading. Each row's chunk is bounded, so
+        that the others' next token is not held up long, and cut the same way whatever else runs
+        (iterated layer maps depend on the cuts). Where the bucket batches prefill, the rows next to
+        the first one in line that read a chunk of the same kind join it in one call, up to
+        `prefill_tokens` in all."""
         if not self._prefills:
             return
-        job = self._prefills.pop(0)
-        row = job.row
-        # Bounded, so that the others' next token is not held up long; the same bound whatever else
-        # runs, so a message is always cut the same way (iterated layer maps depend on the cuts).
-        take = min(job.chunk, self.settings.prefill_tokens, len(job.ids) - job.done)
-        piece = torch.tensor([job.ids[job.done : job.done + take]], dtype=torch.long)
+        first = self._prefills[0]
+        group = self._prefill_group(first) if first.row.bucket.batches_prefill else [first]
+        takes = [self._prefill_take(job) for job in group]
+        bucket, start = first.row.bucket, group[0].row.index
         try:
-            row.bucket.prefill(row.index, piece.to(self.device, non_blocking=True))
+            if len(group) == 1:
+                piece = torch.tensor([first.ids[first.done : first.done + takes[0]]], dtype=torch.long)
+                bucket.prefill(first.row.index, piece.to(self.device, non_blocking=True))
+            else:
+                pieces = [job.ids[job.done : job.done + take] for job, take in zip(group, takes)]
+                bucket.prefill_rows(start, pieces, self.step_model.encodes_sequentially(takes[0]))
         except torch.OutOfMemoryError:
             _release_cached_memory()
-            self._end(job, error=EngineError("out of memory while reading the message"))
-            return
+            failure = EngineError("out of memory while reading the message")
         except Exception as error:
-            self._end(job, error=EngineError(f"reading the message failed: {error}"))
-            return
-        job.done += take
-        row.seen += take
-        job.stream.put(job.done)
-        if job.done == len(job.ids):
-            self._end(job, "done")
-        elif job.stop.is_set():
-            self._end(job, "stopped")
+            failure = EngineError(f"reading the message failed: {error}")
         else:
-            self._prefills.append(job)  # rows reading a message take turns, chunk by chunk
+            failure = None
+        taken = {id(job) for job in group}
+        self._prefills = [job for job in self._prefills if id(job) not in taken]
+        for job, take in zip(group, takes):
+            if failure is not None:
+                self._end(job, error=failure)
+                continue
+            job.done += take
+            job.row.seen += take
+            job.stream.put(job.done)
+            if job.done == len(job.ids):
+                self._end(job, "done")
+            elif job.stop.is_set():
+                self._end(job, "stopped")
+            else:
+                self._prefills.append(job)  # rows reading a message take turns, chunk by chunk
+
+    def _prefill_take(self, job: _Prefill) -> int:
+        return min(job.chunk, self.settings.prefill_tokens, len(job.ids) - job.done)
+
+    def _prefill_kind(self, job: _Prefill) -> tuple[bool, bool]:
+        """What decides how a chunk is encoded alone: token by token or not, and one token (the
+        decode path) or more. Only chunks of one kind share a call, so each is encoded as alone."""
+        take = self._prefill_take(job)
+        return self.step_model.encodes_sequentially(take), take == 1
+
+    def _prefill_group(self, first: _Prefill) -> list[_Prefill]:
+        """`first` and the reading rows of adjacent indices in its bucket whose chunk is of its kind,
+        in row order, while their chunks fit in `prefill_tokens` (first always)."""
+        bucket, kind = first.row.bucket, self._prefill_kind(first)
+        reading = {job.row.index: job for job in self._prefills
+                   if job.row.bucket is bucket and self._prefill_kind(job) == kind}
+        budget = max(self.settings.prefill_tokens, self._prefill_take(first)) - self._prefill_take(first)
+        low = high = first.row.index
+        for step in (1, -1):  # rows after the first one, then before it
+            index = first.row.index + step
+            while index in reading and self._prefill_take(reading[index]) <= budget:
+                budget -= self._prefill_take(reading[index])
+                low, high = min(low, index), max(high, index)
+                index += step
+        return [reading[index] for index in range(low, high + 1)]
 
 
 def _serve(engine_ref: Callable[[], Engine | None], inbox: queue.SimpleQueue) -> None:

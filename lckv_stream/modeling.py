@@ -181,10 +181,10 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, LCKVGenerationMixin):
     def new_cache(
         self, sink: int, window: int, batch_size: int = 1, device: torch.device | str | None = None
     ) -> SinkWindowCache:
-        """A sink + window cache shaped for this model, on its device and in its dtype."""
-        return SinkWindowCache.for_model(
-            self.config, sink, window, batch_size, dtype=self.dtype, device=device or self.device
-        )
+        """A sink + window cache shaped for this model, on its device, in `cache_dtype` if the model
+        has one (the CPU fast path keeps its cache more compact than its activations), else in its dtype."""
+        dtype = self.__dict__.get("cache_dtype") or self.dtype
+        return SinkWindowCache.for_model(self.config, sink, window, batch_size, dtype=dtype, device=device or self.device)
 
     def forward(
         self,
@@ -221,12 +221,8 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, LCKVGenerationMixin):
             raise TypeError(f"cache must be a SinkWindowCache or a StreamingCache, got {type(cache).__name__}")
         steps = input_ids.shape[1]
         padding = left_padding(attention_mask, steps)
-        config = self.config
         if sequential is None:
-            m = config.forward_passes if forward_passes is None else forward_passes
-            b = config.backward_passes if backward_passes is None else backward_passes
-            reads_above = any(cyclic for _, _, cyclic in self.model.groups)
-            sequential = config.use_sequential or (reads_above and steps <= m + b)
+            sequential = self.encodes_sequentially(steps, forward_passes, backward_passes)
         if (sequential or steps == 1) and padding is not None:
             hidden = self._sequential(input_ids, cache, attention_mask[:, -steps:].bool())
         elif sequential and steps > 1:
@@ -245,6 +241,17 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, LCKVGenerationMixin):
             )
         returned = streaming if streaming is not None else cache
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: returned})
+
+    def encodes_sequentially(self, steps: int, forward_passes: int | None = None,
+                             backward_passes: int | None = None) -> bool:
+        """Whether a call of `steps` new tokens encodes them token by token (`sequential=None`): as
+        the official code does, when config.use_sequential, or when the map reads from above and
+        there are at most forward_passes + backward_passes new tokens."""
+        config = self.config
+        m = config.forward_passes if forward_passes is None else forward_passes
+        b = config.backward_passes if backward_passes is None else backward_passes
+        reads_above = any(cyclic for _, _, cyclic in self.model.groups)
+        return config.use_sequential or (reads_above and steps <= m + b)
 
     def _sequential(
         self, input_ids: torch.LongTensor, cache: SinkWindowCache | None, real: torch.Tensor | None = None

@@ -490,14 +490,15 @@ def test_a_long_conversation_shows_its_latest_messages_and_earlier_ones_on_deman
 
 
 def test_memory_is_given_back_after_bursts_of_users(served, chat_app):
-    """Three bursts of 16 API users, each a turn with an 8,192-token window (bigger rows and snapshots),
-    every session closed after its burst: the process comes back down each time, and after the
-    third is where it was after the first."""
+    """Three bursts of 16 API users, each a turn with an 8,192-token window and a long message (bigger
+    rows, and snapshots that hold thousands of tokens), every session closed after its burst: the
+    process comes back down each time, and after the third is where it was after the first."""
     from lckv_stream.metrics import process_rss_mb
 
     def burst() -> tuple[float, float]:
         clients = [Client(served.url, verbose=False) for _ in range(16)]
-        threads = [threading.Thread(target=turn, args=(c, f"user {i}"), kwargs=dict(window=8192, max_new_tokens=2))
+        threads = [threading.Thread(target=turn, args=(c, f"user {i}: " + "many words " * 100),
+                                    kwargs=dict(window=8192, max_new_tokens=2))
                    for i, c in enumerate(clients)]
         for thread in threads:
             thread.start()

@@ -137,3 +137,29 @@ def test_a_kv_read_only_by_sliding_window_layers_keeps_only_the_window():
     assert unbounded.ring_layers == () and [k.shape[2] for k in unbounded.keys] == [12, 12, 12]
     # 7 slots fewer of one layer's keys and values, 5 more stream indices (int64)
     assert unbounded.allocated_bytes - cache.allocated_bytes == 7 * per_layer - 5 * 8
+
+
+@pytest.mark.parametrize("layer_types", [cla_map(4, 2), "0_2s_2s_3"])
+def test_a_chunk_reads_only_the_slots_some_row_holds_and_gets_what_reading_all_gives(layer_types, monkeypatch):
+    model = tiny_model(layer_types, sliding_window=3)
+    prompt, ids = torch.randint(0, 300, (2, 7)), torch.randint(0, 300, (2, 9))
+    first = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])  # rows of 7 and 3 tokens (left padding)
+
+    def encode() -> tuple[torch.Tensor, SinkWindowCache]:
+        cache = model.new_cache(sink=4, window=64, batch_size=2)
+        with torch.no_grad():
+            model(prompt, cache, attention_mask=first)
+            held = cache.held_columns(), cache.held_columns(ring=True)
+            logits = model(ids, cache).logits
+        return logits, cache, held
+
+    assert model.new_cache(sink=4, window=64).held_columns() == 4  # nothing held: the sinks' slots
+    trimmed, cache, held = encode()
+    assert held[0] == 7  # 4 sinks and 3 window slots, well short of 4 + 64
+    assert cache.held_columns() == 4 + 12
+    if cache.ring_layers:  # the sliding-window layers' ring (4 + 3 slots) is full, then wraps
+        assert held[1] == cache.held_columns(ring=True) == 7
+    monkeypatch.setattr(SinkWindowCache, "held_columns", lambda self, ring=False: self.ring_capacity if ring else self.capacity)
+    full, full_cache, _ = encode()
+    assert (trimmed - full).abs().max() < 1e-5
+    assert full_cache.held_indices(0) == cache.held_indices(0) and full_cache.held_indices(1) == cache.held_indices(1)

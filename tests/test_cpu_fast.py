@@ -14,9 +14,10 @@ import torch
 from app_support.tiny import tiny_model
 from lckv_stream import cla_map
 from lckv_stream.chat import CacheSettings, ChatSession, TurnEnd
-from lckv_stream.cpu_fast import CompiledCPUDecoder, cpu_fast_model, fast_path_name
+from lckv_stream.attention import choose_attention_backend
+from lckv_stream.cpu_fast import CPU_CACHE_DTYPE, CompiledCPUDecoder, cpu_fast_model, fast_path_name
 from lckv_stream.engine import Engine, EngineSettings
-from lckv_stream.sampling import SamplingSettings
+from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=16)
 PROMPTS = ["Hello!", "What is the capital of France?", "Tell me about streaming models.", "The quick brown fox",
@@ -99,6 +100,29 @@ def test_batched_rows_decode_as_each_row_alone():
                               for i, c in enumerate(singles)])
 
 
+def test_the_fast_paths_bfloat16_cache_reads_as_its_float32_cache_would():
+    """The fast path keeps its cache in bfloat16 (half the bytes a batched step reads): through a
+    prefill, its chunks and decode steps past the cache bound, the logits stay those of the same
+    model with a float32 cache, within bfloat16's rounding."""
+    model = cpu_fast_model(_model())
+    compact = model.new_cache(2, 12)
+    model.__dict__["cache_dtype"] = torch.float32
+    try:
+        exact = model.new_cache(2, 12)
+    finally:
+        model.__dict__["cache_dtype"] = CPU_CACHE_DTYPE
+    assert (compact.dtype, exact.dtype) == (torch.bfloat16, torch.float32)
+    choose_attention_backend(compact), choose_attention_backend(exact)  # the decode kernel, as the engine's
+    prompt = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got, want = (model(prompt, c, logits_to_keep=1).logits[:, -1] for c in (compact, exact))
+        for step in range(20):  # past the cache bound (14 slots); a 3-token chunk now and then
+            torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+            ids = want.argmax(-1).view(1, 1).expand(1, 3 if step % 7 == 3 else 1)
+            got, want = (model(ids, c, logits_to_keep=1).logits[:, -1] for c in (compact, exact))
+    assert compact.held_indices() == exact.held_indices()
+
+
 @pytest.mark.skipif(os.environ.get("LCKV_COMPILE_TESTS") != "1", reason="compiles a step (about a minute on "
                     "two cores): run with LCKV_COMPILE_TESTS=1")
 def test_the_side_compiled_step_replaces_the_eager_one_and_matches_it(tokenizer):
@@ -120,6 +144,19 @@ def test_the_side_compiled_step_replaces_the_eager_one_and_matches_it(tokenizer)
         bucket = next(iter(engine._buckets.values()))
         assert isinstance(bucket.decoder(1), CompiledCPUDecoder)
         assert compiled == eager
+        # The sampler of the default width was compiled with it; it draws the eager sampler's tokens.
+        vocab = len(tokenizer)
+        width = width_of(SamplingSettings(), vocab)
+        sampler = bucket._compiled_samplers[(1, width)]
+        g = torch.Generator().manual_seed(3)
+        for seed in range(20):
+            logits = torch.randn(1, vocab, generator=g) * 3
+            rows = RowSampling.of([SamplingSettings(temperature=0.9, top_p=0.9, repetition_penalty=1.2)], [seed], [seed])
+            slots = bucket.cache.capacity
+            previous, held = torch.randint(0, vocab, (1, slots), generator=g), torch.rand(1, slots, generator=g) < 0.5
+            with torch.compiler.set_stance("fail_on_recompile"):
+                assert torch.equal(sampler(logits, rows, width, previous, held),
+                                   sample_rows(logits, rows, width, previous, held))
     finally:
         engine.close()
 
