@@ -1,7 +1,8 @@
 """Many users at once through the real app: aggregate tokens/s with N users against one alone.
 
 Starts `python app.py` (the model of --model) and drives it with gradio_client, as browsers do:
-each user has its own client (its own conversation) and sends --turns messages, each answered with
+each user has its own client (its own conversation), connected before the clock starts (a page
+already open), and sends --turns messages, each answered with
 --max-new-tokens tokens at temperature 0.7. Runs with 1 user and with each of --users, interleaved
 --repeats times (this machine is shared: the ratio is taken between runs made in the same minutes),
 and checks that no user's conversation holds another user's words.
@@ -36,9 +37,11 @@ def text_of(message: dict) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> None:
+def user(client: Client, name: str, turns: int, max_new_tokens: int, out: dict,
+         start: threading.Barrier | None = None) -> None:
     """One user's conversation: `turns` messages, each naming the user (to check for cross-talk)."""
-    client = Client(url, verbose=False)
+    if start is not None:
+        start.wait()
     tokens = 0
     for turn in range(turns):
         sent = client.predict(message(name, turn), "", SINK, WINDOW, None,
@@ -53,14 +56,21 @@ def user(url: str, name: str, turns: int, max_new_tokens: int, out: dict) -> Non
 
 
 def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict:
+    """`users` users with the page open (their clients connected first, as browsers that loaded it)
+    send their first message at once; timed from then to the last reply's end."""
     results = [dict() for _ in range(users)]
     names = [f"user-{tag}-{i}" for i in range(users)]
-    threads = [threading.Thread(target=user, args=(url, names[i], turns, max_new_tokens, results[i]))
+    clients = [Client(url, verbose=False) for _ in range(users)]
+    start = threading.Barrier(users + 1)
+    threads = [threading.Thread(target=user, args=(clients[i], names[i], turns, max_new_tokens, results[i], start))
                for i in range(users)]
-    began = time.perf_counter()
     [t.start() for t in threads]
+    start.wait()
+    began = time.perf_counter()
     [t.join() for t in threads]
     wall = max(r["ended"] for r in results) - began
+    for client in clients:
+        client.close()
     for name, result in zip(names, results):
         said = " ".join(text_of(message) for message in result["chat"] if message.get("role") == "user")
         others = [other for other in names if other != name and other in said]
@@ -76,7 +86,9 @@ def warm_up(url: str, timeout_s: float) -> float:
     began = time.perf_counter()
     while True:
         out: dict = {}
-        user(url, "warm", 1, 8, out)
+        client = Client(url, verbose=False)
+        user(client, "warm", 1, 8, out)
+        client.close()
         compiling = out["numbers"]["engine"]["compiling"]
         if not compiling or time.perf_counter() - began > timeout_s:
             return time.perf_counter() - began
