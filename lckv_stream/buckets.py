@@ -124,6 +124,10 @@ class Bucket:
         # does not): on the device, so that a captured step reads it; written only where it changes.
         self._stepping = torch.zeros(rows + 1, dtype=torch.bool, device=device)
         self._stepping_host = [False] * (rows + 1)
+        # On CUDA the mask goes over in one copy from pinned memory, from two buffers in turn: a
+        # buffer is written again only after the step that read it has been finished (`_finish`).
+        self._stepping_staging = ([torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True) for _ in range(2)]
+                                  if device.type == "cuda" else [])
         self._host_tokens: list[torch.Tensor] = []
         self._prefill_decoder = None
         self.graphs = False  # captured yet (eager until then)
@@ -341,11 +345,18 @@ class Bucket:
         its own settings (`start_generating`), fed to the cache, and the new logits become pending.
         Returns the tokens drawn [size] (on the device; only the stepping rows' mean anything, and
         not a row's that had stopped generating)."""
-        wanted = set(stepping)
-        for index, was in enumerate(self._stepping_host):
-            if (index in wanted) != was:  # a fill on the device, no copy from the host
-                self._stepping[index : index + 1].fill_(not was)
-                self._stepping_host[index] = not was
+        wanted = [False] * (self.rows + 1)
+        for index in stepping:
+            wanted[index] = True
+        if wanted != self._stepping_host:  # one copy when the set changes, whatever changed
+            self._stepping_host = wanted
+            if self._stepping_staging:
+                self._stepping_staging.reverse()
+                staging = self._stepping_staging[0]
+                staging.copy_(torch.tensor(wanted))
+                self._stepping.copy_(staging, non_blocking=True)
+            else:
+                self._stepping.copy_(torch.tensor(wanted))
         widths = sorted({self._widths[index] for index in stepping})
         whole = self._whole_step(size, widths[0]) if len(widths) == 1 else None
         if whole is not None:

@@ -424,11 +424,12 @@ class SinkWindowCache:
         if into is None:
             into = {name: torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu", pin_memory=pin)
                     for name, buffer in view._state(sizes=True)}
+            into["held"] = torch.empty(2, dtype=torch.long, pin_memory=pin)  # slots held: full buffers, ring
         held = view.held_columns(), view.held_columns(ring=True) if self.ring_layers else 0
         for name, buffer in view._state(sizes=True):
             part = view._held_part(name, held)
             into[name][part].copy_(buffer[part], non_blocking=True)
-        into["held"] = torch.tensor(held)
+        into["held"].copy_(torch.tensor(held))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the copy is read on the host next
         return into
