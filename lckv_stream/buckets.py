@@ -558,7 +558,8 @@ class SideCompiler:
 
     def _compile(self, bucket: Bucket, size: int) -> tuple[Callable, Callable | None] | str:
         """Compile the step for `size` rows of the bucket's shape on a scratch cache of that shape,
-        and on a CPU the sampler for the default width too; the error's text when it fails."""
+        and on a CPU the sampler for the default width too (None where that fails: the eager one
+        serves); the error's text when the step fails."""
         try:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=size)
@@ -571,11 +572,14 @@ class SideCompiler:
                     function(bucket.model, tokens, scratch)
             if scratch.device.type == "cuda":
                 torch.cuda.synchronize()
-            sampler = None if bucket.options.graphs else _compile_sampler(scratch, size, bucket.next_logits.shape[-1])
-            del scratch
-            return function, sampler
         except Exception as error:  # the plain graph (or eager step) keeps serving
             return str(error) or type(error).__name__
+        if bucket.options.graphs:
+            return function, None
+        try:
+            return function, _compile_sampler(scratch, size, bucket.next_logits)
+        except Exception:  # the eager sampler keeps serving
+            return function, None
 
     def install_ready(self, counters: Counters) -> None:
         """On the engine thread: capture the compiled steps that are ready, if the compiler is idle."""
@@ -598,14 +602,16 @@ class SideCompiler:
             self.lock.release()
 
 
-def _compile_sampler(scratch: SinkWindowCache, size: int, vocab: int) -> Callable:
+def _compile_sampler(scratch: SinkWindowCache, size: int, pending_logits: torch.Tensor) -> Callable:
     """`sample_rows` compiled for `size` rows drawing among the default width, on scratch inputs
-    shaped like a bucket's."""
+    shaped like a bucket's (`pending_logits`: the bucket's, for their dtype and width)."""
     sampler = torch.compile(sample_rows, fullgraph=True, dynamic=False)
+    vocab = pending_logits.shape[-1]
     width = width_of(SamplingSettings(), vocab)
     # Outside inference mode, as the bucket calls it (its guards check the inputs' kind).
     params = RowSampling(**{name: torch.zeros(size, dtype=dtype) for name, dtype in _SAMPLING_FIELDS.items()})
-    sampler(torch.zeros(size, vocab, dtype=scratch.dtype), params, width, scratch.token_ids, scratch.token_index >= 0)
+    logits = torch.zeros(size, vocab, dtype=pending_logits.dtype)
+    sampler(logits, params, width, scratch.token_ids, scratch.token_index >= 0)
     return sampler
 
 

@@ -7,8 +7,9 @@ threads; the scheduler loop takes it between steps. Each iteration it:
 1. runs the commands that arrived (snapshot, restore, reset, resize, close: quick row copies),
 2. runs one batched decode step per bucket for every row that is generating (each row sampled
    with its own settings and random stream), and hands each job its token,
-3. encodes one bounded chunk of a message that a row is reading (rows take turns), so a long paste
-   delays the others' tokens by one chunk at most,
+3. encodes one bounded chunk of a message that a row is reading (rows take turns; on a CPU the
+   rows reading at once share one call, each cut as alone), so a long paste delays the others'
+   tokens by one chunk at most,
 4. moves rows idle for a while to host memory (restored on their next turn, no re-encoding) and,
    past the host budget, drops the oldest to transcript-only (their owner re-encodes them).
 Rows join and leave between steps; Stop ends one row's job at the next step without touching others.
