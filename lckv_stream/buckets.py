@@ -442,7 +442,6 @@ class Bucket:
         return RowSampling(**{name: getattr(self._params, name)[:size] for name in _SAMPLING_FIELDS})
 
     def _sample_width(self, size: int, width: int) -> torch.Tensor:
-        cache = self.cache
         if not self.graphs:
             return self._run_sampler(self._compiled_samplers.get((size, width), sample_rows), size, width)
         key = (size, width)
@@ -450,8 +449,7 @@ class Bucket:
             # A capture must not overlap the side compiler's GPU work: sample eagerly until it is idle.
             lock = self._compiler.lock if self._compiler is not None else None
             if lock is not None and not lock.acquire(blocking=False):
-                return sample_rows(self.next_logits[:size], self._row_params(size), width, cache.token_ids[:size],
-                                   cache.token_index[:size] >= 0)
+                return self._run_sampler(sample_rows, size, width)
             try:
                 self._samplers[key] = self._capture_sampler(size, width)
                 self.counters.graphs_captured += 1
