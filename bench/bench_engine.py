@@ -118,13 +118,16 @@ def run_concurrent(engine: Engine, count: int, windows: list[int], new_tokens: i
         for i in range(count)]
     [t.start() for t in threads]
     go.wait()
+    before = engine.stats()
     joiner = {}
     if count > 1:
         time.sleep(0.05)  # the others are generating now: a new conversation reads 100 tokens
         conversation(engine, windows[0], 100, 4, seed + 10_000, None, joiner)
     [t.join() for t in threads]
+    after = engine.stats()
     began = min(r["first"] for r in results)
     ended = max(r["end"] for r in results)
+    steps = max(1, after.steps - before.steps)
     tokens = sum(r["tokens"] - 1 for r in results)  # tokens after each stream's first
     per_stream = [statistics.median(r["latencies"][1:]) for r in results if len(r["latencies"]) > 1]
     return {
@@ -135,6 +138,12 @@ def run_concurrent(engine: Engine, count: int, windows: list[int], new_tokens: i
         "ttft_ms_alone": statistics.median(r["ttft_ms"] for r in results) if count == 1 else None,
         "ttft_ms_joining_under_load": joiner.get("ttft_ms"),
         "gpu_mb": gpu_mb(),
+        # Whether the streams really ran together: rows per step, steps skipped for a lagging
+        # reader, and how far apart the streams started and ended (ms after the first token).
+        "rows_per_step": (after.tokens - before.tokens) / steps,
+        "held_back_per_step": (after.held_back - before.held_back) / steps,
+        "last_first_token_ms": (max(r["first"] for r in results) - began) * 1e3,
+        "first_end_ms": (min(r["end"] for r in results) - began) * 1e3,
     }
 
 
@@ -194,14 +203,15 @@ def part_concurrency(engine: Engine, args) -> dict:
             row["raw_tokens_per_s"] = size / raw[size] * 1e3
             row["engine_over_raw"] = row["aggregate_tokens_per_s"] / row["raw_tokens_per_s"]
     print("| conversations | buckets | aggregate tok/s | per-stream ms/token | raw step ms | engine / raw | "
-          "TTFT joining under load | GPU MB | step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "TTFT joining under load | GPU MB | rows a step | held back a step | streams' spread (last start / first end) | step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['conversations']} | {'mixed ' + str(row['windows']) if row.get('mixed_buckets') else 'one'} | "
               f"{row['aggregate_tokens_per_s']:,.0f} | {row['per_stream_ms_per_token']:.3f} | "
               f"{row.get('raw_step_ms', float('nan')):.3f} | {row.get('engine_over_raw', float('nan')):.2f} | "
               f"{row['ttft_ms_joining_under_load'] or row['ttft_ms_alone'] or 0:.1f} ms | {row['gpu_mb'] or 0:,.0f} | "
-              f"{row.get('decoder', '')} |")
+              f"{row['rows_per_step']:.1f} | {row['held_back_per_step']:.2f} | "
+              f"{row['last_first_token_ms']:.0f} / {row['first_end_ms']:.0f} ms | {row.get('decoder', '')} |")
     return {"rows": rows, "raw_step_ms": raw}
 
 
@@ -227,11 +237,11 @@ def part_host(model, args) -> dict:
         result["host_us_per_step"] = count / result["aggregate_tokens_per_s"] * 1e6
         result["host_us_per_row"] = result["host_us_per_step"] / count
         rows.append(result)
-    print("| conversations | tokens/s (no model work) | host µs per step | per row |")
-    print("|---|---|---|---|")
+    print("| conversations | tokens/s (no model work) | host µs per step | per row | rows a step | held back a step |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['conversations']} | {row['aggregate_tokens_per_s']:,.0f} | {row['host_us_per_step']:,.0f} | "
-              f"{row['host_us_per_row']:.1f} |")
+              f"{row['host_us_per_row']:.1f} | {row['rows_per_step']:.1f} | {row['held_back_per_step']:.2f} |")
     engine.close()
     return {"rows": rows}
 

@@ -70,6 +70,10 @@ class StepOptions:
     graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
+    # Rows reading messages at the same time are encoded in one call (`Bucket.prefill_rows`). On a
+    # GPU that call is eager (a lone row still reads through its captured chunks): off, every row
+    # reads alone, and a graph engine gives what the eager engine gives bit for bit.
+    batch_prefill: bool = True
     # A whole step (sampler, model step, bookkeeping) in one graph; off until measured on a GPU.
     whole_step: bool = False
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
@@ -467,10 +471,8 @@ class Bucket:
 
     @property
     def batches_prefill(self) -> bool:
-        """Whether rows read their messages together (`prefill_rows`): on a CPU. On a GPU a row reads
-        alone, through its captured chunks on the spare row (until they are captured, the same
-        eager kernels: a graph then gives what the eager engine gives, bit for bit)."""
-        return self._prefill_decoder is None and self.cache.device.type == "cpu"
+        """Whether rows that read at the same time share one call (`prefill_rows`)."""
+        return self.options.batch_prefill
 
     def prefill_rows(self, start: int, pieces: list[list[int]], sequential: bool) -> None:
         """Encode pieces[i] into row start + i, all in one call, each row as alone: the shorter ones

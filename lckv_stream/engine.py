@@ -7,9 +7,9 @@ threads; the scheduler loop takes it between steps. Each iteration it:
 1. runs the commands that arrived (snapshot, restore, reset, resize, close: quick row copies),
 2. runs one batched decode step per bucket for every row that is generating (each row sampled
    with its own settings and random stream), and hands each job its token,
-3. encodes one bounded chunk of a message that a row is reading (rows take turns; on a CPU the
-   rows reading at once share one call, each cut as alone), so a long paste delays the others'
-   tokens by one chunk at most,
+3. encodes one bounded chunk of a message that a row is reading (rows take turns; rows reading at
+   once share one call, each cut as alone), so a long paste delays the others' tokens by one chunk
+   at most,
 4. moves rows idle for a while to host memory (restored on their next turn, no re-encoding) and,
    past the host budget, drops the oldest to transcript-only (their owner re-encodes them).
 Rows join and leave between steps; Stop ends one row's job at the next step without touching others.
@@ -145,6 +145,7 @@ class EngineStats:
     tokens: int
     compiling: int
     counters: Counters
+    held_back: int = 0  # row steps skipped because the row's reader was RUN_AHEAD tokens behind
 
 
 class EngineError(RuntimeError):
@@ -304,6 +305,7 @@ class Engine:
         self._held: dict[JobStream, float] = {}  # streams whose owner's wake is held back: interval
         self._steps = 0
         self._tokens = 0
+        self._held_back = 0
         self._last_housekeeping = time.monotonic()
         self._closed = False
         self.started_in_s = 0.0
@@ -448,6 +450,7 @@ class Engine:
             reading=len(self._prefills), waiting=len(self._waiting),
             steps=self._steps, tokens=self._tokens,
             compiling=self._compiler.pending if self._compiler else 0, counters=self.counters,
+            held_back=self._held_back,
         )
 
     def close(self) -> None:
@@ -482,7 +485,6 @@ class Engine:
                 bucket.upgrade()
         if self._waiting and self._admission_changed:
             self._admission_changed = False
-            self._finish_all()  # admitting may move or offload rows
             self._admit_waiting()
         queued = self._in_flight
         self._in_flight = [step for step in map(self._launch, list(self._buckets.values())) if step is not None]
@@ -545,7 +547,8 @@ class Engine:
         """Give the row a device row of its bucket (restoring its host copy); False when every row
         of that bucket is busy."""
         if row.bucket is not None:
-            return True
+            return True  # the common case, a row's next turn: nothing moves, so no wait for the device
+        self._finish_all()  # rows may move or leave: every queued step read first
         bucket = self._bucket(bucket_shape(row.sink, row.window))
         free = bucket.free_rows()
         if not free:
@@ -739,8 +742,10 @@ class Engine:
             if job.stop.is_set() and job.tokens and not job.in_flight:
                 self._end(job, "stopped")
         # A stopped job takes no new step; the one in flight still counts (its token is in the cache).
-        jobs = [job for job in jobs
-                if job.row.job is job and not job.stop.is_set() and job.stream.backlog < RUN_AHEAD]
+        jobs = [job for job in jobs if job.row.job is job and not job.stop.is_set()]
+        ready = [job for job in jobs if job.stream.backlog < RUN_AHEAD]
+        self._held_back += len(jobs) - len(ready)
+        jobs = ready
         if not jobs:
             return None
         size = batch_class(len(jobs))

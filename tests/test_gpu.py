@@ -243,9 +243,13 @@ def test_engine_graphs_give_the_tokens_of_the_eager_engine(monkeypatch, whole_st
     monkeypatch.setenv("LCKV_WHOLE_STEP_GRAPH", whole_step)
     model = smollm_shaped(default_layer_types())
     conversations = _conversations(49152)
-    eager = _engine_replies(Engine(model, EngineSettings(max_batch=8, graphs=False)), conversations)
+    # Every row reads alone (which rows read together depends on the threads' timing).
+    eager = Engine(model, EngineSettings(max_batch=8, graphs=False))
+    eager._options.batch_prefill = False
+    eager = _engine_replies(eager, conversations)
     engine = Engine(model, EngineSettings(max_batch=8, graphs=True, compile=False))
     engine._options.prefill_graphs = False  # eager prefill on the spare row: bitwise the eager kernels
+    engine._options.batch_prefill = False
     graphs = _engine_replies(engine, conversations)
     assert graphs == eager
     assert len({tuple(map(tuple, reply)) for reply in graphs}) == len(conversations)
@@ -297,6 +301,45 @@ def test_engine_prefill_graphs_and_offload_to_pinned_memory():
             assert after == expected
     eager_logits, graph_logits = logits
     assert (graph_logits - eager_logits).abs().max() <= 2e-2 * eager_logits.abs().max()
+
+
+def test_rows_read_together_follow_each_row_read_alone():
+    """Four rows' messages of different lengths in one left-padded eager call (`prefill_rows`, what
+    the engine does on a GPU when rows read at once) against each row read alone through its
+    captured chunks: next-token logits within bfloat16 tolerance, the same slots held."""
+    import threading
+
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.engine import Engine, EngineSettings
+
+    model = smollm_shaped(default_layer_types())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (40, 9, 120, 64)]
+    alone_engine = Engine(model, EngineSettings(max_batch=4, graphs=True, compile=False))
+    alone, held = [], []
+    for i, prompt in enumerate(prompts):  # one at a time: each reads alone
+        row = alone_engine.open_row(4, 252, seed=i)
+        list(alone_engine.prefill(row, prompt, 256, threading.Event()))
+        alone.append(alone_engine.snapshot(row, with_logits=True).logits.float())
+        held.append(alone_engine.held_indices(row))
+    engine = Engine(model, EngineSettings(max_batch=4, graphs=True, compile=False))
+    rows = [engine.open_row(4, 252, seed=i) for i in range(len(prompts))]
+    for row in rows:
+        engine.make_resident(row)
+    assert [row.index for row in rows] == [0, 1, 2, 3]
+    bucket = rows[0].bucket
+
+    def read_together() -> torch.Tensor:
+        bucket.prefill_rows(0, prompts, model.encodes_sequentially(max(map(len, prompts))))
+        for row, prompt in zip(rows, prompts):
+            row.seen = len(prompt)
+        return bucket.next_logits[: len(prompts)].float().cpu()
+
+    together = engine._call(read_together)
+    for i in range(len(prompts)):
+        expected = alone[i].reshape(-1).cpu()
+        assert (together[i] - expected).abs().max() <= 2e-2 * expected.abs().max(), i
+        assert engine.held_indices(rows[i]) == held[i]
 
 
 def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
