@@ -234,6 +234,15 @@ class Bucket:
                 self._decoders[size] = self._build(lambda: self._eager(view))
         return self._decoders[size]
 
+    def step_class(self, rows: int) -> int:
+        """The batch class that a step of `rows` rows runs: the smallest that holds them, unless its
+        compiled step is not ready and a larger class's is (on a CPU only some classes are compiled:
+        a compiled batch-8 step costs less than an eager batch-2 one, and needs no row swaps)."""
+        smallest = batch_class(rows)
+        if self._compiled.get(smallest):
+            return smallest
+        return next((size for size in self.classes if size > smallest and self._compiled.get(size)), smallest)
+
     def _eager(self, view: SinkWindowCache) -> EagerDecoder:
         decoder = EagerDecoder(self.model, view)
         if self.options.name is not None:

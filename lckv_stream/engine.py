@@ -413,7 +413,7 @@ class Engine:
         if bucket is None:
             return self._options.name or ("eager" if not self.settings.graphs else "cuda-graph (not built yet)")
         generating = sum(1 for r in bucket.occupant if r is not None and isinstance(r.job, _Generate))
-        return bucket.decoder_name(batch_class(max(1, min(generating, bucket.rows))))
+        return bucket.decoder_name(bucket.step_class(max(1, min(generating, bucket.rows))))
 
     # ---- jobs (any thread) --------------------------------------------------------------------
     def prefill(self, row: Row, token_ids: list[int], chunk: int, stop: threading.Event) -> JobStream:
@@ -748,7 +748,7 @@ class Engine:
         jobs = ready
         if not jobs:
             return None
-        size = batch_class(len(jobs))
+        size = bucket.step_class(len(jobs))
         # A step of class c runs rows [0, c): a row past it trades places with one that does not step.
         stepping = {id(job.row) for job in jobs}
         for job in jobs:

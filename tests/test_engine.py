@@ -15,6 +15,7 @@ import torch
 
 from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
+from lckv_stream.buckets import bucket_shape
 import lckv_stream.engine as engine_module
 from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings, JobStream
 from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
@@ -303,3 +304,28 @@ def test_a_closed_engine_refuses_work_with_a_message():
 def test_bad_engine_settings_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)
+
+
+def test_a_step_runs_a_larger_compiled_class_rather_than_an_uncompiled_one():
+    """On a CPU only some batch classes are compiled: rows that fit a smaller, uncompiled class step
+    in the compiled larger one (no eager step, no row swaps); the same tokens either way."""
+    model = tiny_model(cla_map(4, 2))
+    conversations = specs()[:3]
+    plain = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16))
+    expected = together(plain, conversations, 16)
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16))
+    bucket = engine._call(lambda: engine._bucket(bucket_shape(conversations[0].sink, conversations[0].window)))
+    assert [bucket.step_class(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]  # nothing compiled
+    bucket._compiled.update({1: True, 8: True})  # as the side compiler leaves it on a CPU
+    assert [bucket.step_class(n) for n in (1, 2, 3, 5, 8)] == [1, 8, 8, 8, 8]
+    bucket._compiled[8] = False  # a compile that failed serves nothing
+    assert bucket.step_class(3) == 4
+    bucket._compiled[8] = True
+    steps = []
+    original = bucket.step
+    bucket.step = lambda size, stepping: steps.append(size) or original(size, stepping)
+    got = together(engine, conversations, 16)
+    for (replies, logits), (expected_replies, expected_logits) in zip(got, expected):
+        assert replies == expected_replies
+        assert (logits.float() - expected_logits.float()).abs().max() < 1e-4
+    assert 8 in steps and set(steps) <= {1, 8}
