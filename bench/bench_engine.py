@@ -317,6 +317,9 @@ def part_soak(engine: Engine, args) -> dict:
     per_turn = [[] for _ in range(turns)]
     memory = []
     errors = []
+    deadline = time.monotonic() + args.soak_seconds  # a soak cut short still reports its turns
+    done = [0] * count
+    began = time.perf_counter()
 
     def converse(i: int) -> None:
         try:
@@ -324,6 +327,9 @@ def part_soak(engine: Engine, args) -> dict:
             row = engine.open_row(4, 1024, seed=i)
             settings = SamplingSettings(temperature=0.8, max_new_tokens=8)
             for turn in range(turns):
+                if time.monotonic() > deadline:
+                    return
+                done[i] = turn
                 list(engine.prefill(row, [rng.randrange(3, VOCAB) for _ in range(20)], 256, threading.Event()))
                 stream, fed = engine.generate(row, settings, frozenset(), threading.Event())
                 latencies = [latency for _, latency in stream]
@@ -335,8 +341,14 @@ def part_soak(engine: Engine, args) -> dict:
     [t.start() for t in threads]
     while any(t.is_alive() for t in threads):
         memory.append(gpu_mb())
+        if len(memory) % 30 == 0:
+            print(f"  {time.perf_counter() - began:.0f} s: turns done {min(done)}..{max(done)}", flush=True)
         time.sleep(1.0)
     assert not errors, errors[:3]
+    wall = time.perf_counter() - began
+    turns = min(turns, min(done) + 1) if time.monotonic() > deadline else turns
+    print(f"{count} conversations x {turns} turns in {wall:.0f} s "
+          f"({count * turns / wall:.0f} turns/s, {sum(map(len, per_turn[:turns])) / wall:,.0f} tokens/s after each turn's first)")
     block = max(1, turns // 10)
     blocks = [statistics.median([x for t in per_turn[b : b + block] for x in t]) for b in range(0, turns, block)]
     overall = statistics.median(blocks)
@@ -346,7 +358,7 @@ def part_soak(engine: Engine, args) -> dict:
         print(f"| {index * block}-{index * block + block - 1} | {value:.3f} | {value / overall - 1:+.1%} |")
     seen = [m for m in memory if m is not None]
     print(f"GPU MB over the soak: {min(seen) if seen else 0:,.0f} .. {max(seen) if seen else 0:,.0f}")
-    return {"conversations": count, "turns": turns, "blocks_ms": blocks, "gpu_mb": memory}
+    return {"conversations": count, "turns": turns, "wall_s": wall, "blocks_ms": blocks, "gpu_mb": memory}
 
 
 def part_start(args) -> dict:
@@ -408,6 +420,8 @@ def main() -> None:
     parser.add_argument("--open", type=int, default=1000, help="open conversations for the resume part")
     parser.add_argument("--soak-conversations", type=int, default=64)
     parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--soak-seconds", type=float, default=float("inf"),
+                        help="end the soak after this long (the turns every conversation finished are reported)")
     parser.add_argument("--compile-classes", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--compile-timeout", type=float, default=480)
     parser.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,

@@ -14,6 +14,8 @@
 #   engine-restart : run right after `engine` on the same machine (or with OUT/inductor.tar.gz
 #            unpacked into ~/.cache/lckv-stream/inductor): engine start to first token with that
 #            warm compile cache, then 64 conversations x 500 turns; about 8 minutes
+#   soak : 64 conversations x 500 turns alone, after compiling the four classes cold (about 4
+#          minutes); cut after SOAK_S seconds (default 300), reporting the turns every one finished
 set -euo pipefail
 # The repository root on the path: the benchmarks import lckv_stream from the checkout.
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -38,8 +40,12 @@ case "${1:-}" in
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
       --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
+  soak)
+    python3 -m bench.bench_engine --model random --parts soak --compile-classes 1 8 32 64 --turns 500 \
+      --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
+    ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart" >&2
+    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart|soak" >&2
     exit 2
     ;;
 esac
