@@ -70,9 +70,10 @@ class StepOptions:
     graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
-    # Rows reading messages at the same time are encoded in one call (`Bucket.prefill_rows`). On a
-    # GPU that call is eager (a lone row still reads through its captured chunks): off, every row
-    # reads alone, and a graph engine gives what the eager engine gives bit for bit.
+    # Rows reading messages at the same time are encoded in one call (`Bucket.prefill_rows`). Off,
+    # each reads alone, one after another, as it would with no one else there: on a GPU, where the
+    # one call (eager, bfloat16, other matrix shapes) gives other tokens than each row's captured
+    # chunks would.
     batch_prefill: bool = True
     # A whole step (sampler, model step, bookkeeping) in one graph; off until measured on a GPU.
     whole_step: bool = False

@@ -41,6 +41,7 @@ MB = 2**20
 # A row generates at most this many tokens ahead of its owner: a stalled reader pauses its row
 # instead of letting it run to max_new_tokens unseen.
 RUN_AHEAD = 16
+READER_WAIT_S = 0.0005  # how long the scheduler sleeps when every generating row waits for its reader
 # A generating row's owner is woken at most every WAKE_MS_PER_ROW x (rows in the step) ms: with one
 # row at every token, with 64 about every 16 ms (its tokens then arrive a few at a time). Waking 64
 # owners at every step costs the engine's thread more than a compiled GPU step takes.
@@ -283,6 +284,7 @@ class Engine:
         if cpu_fast:
             use_cpu_threads()
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
+                                    batch_prefill=self.device.type != "cuda",
                                     prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0",
                                     whole_step=os.environ.get("LCKV_WHOLE_STEP_GRAPH", "0") == "1",
                                     compiled_classes=self.settings.compiled_classes,
@@ -306,6 +308,7 @@ class Engine:
         self._steps = 0
         self._tokens = 0
         self._held_back = 0
+        self._readers_behind = False  # in this iteration, a generating row waited for its reader
         self._last_housekeeping = time.monotonic()
         self._closed = False
         self.started_in_s = 0.0
@@ -487,7 +490,11 @@ class Engine:
             self._admission_changed = False
             self._admit_waiting()
         queued = self._in_flight
+        self._readers_behind = False
         self._in_flight = [step for step in map(self._launch, list(self._buckets.values())) if step is not None]
+        # Every generating row waits for its reader and nothing else is to do: spinning here would
+        # only keep the readers' threads from the interpreter.
+        idle = not self._in_flight and self._readers_behind and not self._prefills
         for step in queued:
             self._finish(step)
         if not self.settings.overlap_steps:
@@ -500,6 +507,8 @@ class Engine:
             now = time.perf_counter()
             self._held = {stream: interval for stream, interval in self._held.items()
                           if not stream.wake_if_due(now, interval)}
+        if idle:
+            time.sleep(READER_WAIT_S)
 
     def _busy(self) -> bool:
         return bool(self._in_flight or self._prefills or self._waiting or self._held or any(isinstance(r.job, _Generate) for r in list(self._rows)))
@@ -745,6 +754,7 @@ class Engine:
         jobs = [job for job in jobs if job.row.job is job and not job.stop.is_set()]
         ready = [job for job in jobs if job.stream.backlog < RUN_AHEAD]
         self._held_back += len(jobs) - len(ready)
+        self._readers_behind |= len(ready) < len(jobs)
         jobs = ready
         if not jobs:
             return None
@@ -824,17 +834,28 @@ class Engine:
             self._finish(self._in_flight.pop(0))
 
     def _prefill_chunk(self) -> None:
-        """Encode the next chunk of the messages rows are reading. Each row's chunk is bounded, so
-        that the others' next token is not held up long, and cut the same way whatever else runs
-        (iterated layer maps depend on the cuts). Where the bucket batches prefill, the rows next to
-        the first one in line that read a chunk of the same kind join it in one call, up to
-        `prefill_tokens` in all."""
+        """Encode the next chunks of the messages rows are reading, up to `prefill_tokens` in all, so
+        that the others' next token is not held up long. Each row's chunk is cut the same way
+        whatever else runs (iterated layer maps depend on the cuts). Where the bucket batches
+        prefill, the rows next to the first one in line that read a chunk of the same kind join it
+        in one call; elsewhere the rows in line read one after another."""
         if not self._prefills:
             return
         first = self._prefills[0]
-        group = self._prefill_group(first) if first.row.bucket.batches_prefill else [first]
+        if not first.row.bucket.batches_prefill:  # each alone, in line, while the budget lasts
+            budget = self.settings.prefill_tokens
+            while self._prefills and (budget == self.settings.prefill_tokens
+                                      or self._prefill_take(self._prefills[0]) <= budget):
+                budget -= self._prefill_take(self._prefills[0])
+                self._read([self._prefills[0]])
+            return
+        self._read(self._prefill_group(first))
+
+    def _read(self, group: list[_Prefill]) -> None:
+        """Encode the next chunk of each job in `group` (adjacent rows of one bucket: one call)."""
+        first = group[0]
         takes = [self._prefill_take(job) for job in group]
-        bucket, start = first.row.bucket, group[0].row.index
+        bucket, start = first.row.bucket, first.row.index
         try:
             if len(group) == 1:
                 piece = torch.tensor([first.ids[first.done : first.done + takes[0]]], dtype=torch.long)

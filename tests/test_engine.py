@@ -127,10 +127,16 @@ def together(engine: Engine, conversations: list[Spec], chunk: int) -> list:
 
 # overlap_steps: each step queued before the last one's tokens are read (the GPU's default): rows
 # that end in a step must be left out of the one queued behind it by the device itself.
-@pytest.mark.parametrize("layer_types, overlap", [(cla_map(4, 2), False), (cla_map(4, 2), True), (lckv_map(4), True)])
-def test_conversations_decoded_together_get_exactly_what_each_gets_alone(layer_types, overlap):
+# batch_prefill False: rows that read at once read one after another (a GPU's default), several a
+# scheduler iteration while the prefill budget lasts.
+@pytest.mark.parametrize("layer_types, overlap, batch_prefill", [
+    (cla_map(4, 2), False, True), (cla_map(4, 2), True, True), (lckv_map(4), True, True), (cla_map(4, 2), True, False)])
+def test_conversations_decoded_together_get_exactly_what_each_gets_alone(layer_types, overlap, batch_prefill):
     model = tiny_model(layer_types)
-    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16, overlap_steps=overlap))
+    # Reading one after another, a budget of three chunks: up to three rows read in one iteration.
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=16 if batch_prefill else 48,
+                                          overlap_steps=overlap))
+    engine._options.batch_prefill = batch_prefill
     conversations = specs()
     got = together(engine, conversations, chunk=16)
     for spec, (replies, logits) in zip(conversations, got):
