@@ -25,6 +25,7 @@ from app_support.panel import PLOT_COLUMNS
 from app_support.tiny import NAME as TINY_RANDOM
 from app_support.tiny import tiny_random_model
 from lckv_stream.limits import LIMITS
+from lckv_stream.memory import freeze_startup_objects
 from lckv_stream.metrics import device_name
 from lckv_stream.sampling import SamplingSettings
 from lckv_stream.store import StoreError, open_store
@@ -201,7 +202,9 @@ def create_app(config: AppConfig) -> tuple[ChatApp, gr.Blocks]:
     model, tokenizer = load(config)
     app = ChatApp(model, tokenizer, config, store)
     app.registry.start_reaper(every_seconds=min(60.0, app.registry.idle_seconds / 2))
-    return app, build_demo(app)
+    demo = build_demo(app)
+    freeze_startup_objects()  # so that collecting garbage later does not stall the decoding
+    return app, demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:

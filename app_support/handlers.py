@@ -148,6 +148,7 @@ class ChatApp:
     def view(
         self, session: ChatSession, page: PageState, status: str, reply: str | None = None,
         draft: str | None = None, plot: bool = True, running: bool | None = None, sent: str | None = None,
+        shown: dict | None = None,
     ) -> tuple:
         """(chat, draft to put back, status, metrics table, latency plot, raw metrics, earlier
         messages button, latest messages button, Stop button).
@@ -157,6 +158,8 @@ class ChatApp:
         accepted, shown before the reply step takes it; `draft` a message the engine did not keep:
         `restore_draft` puts it back in the message box. `plot=False` leaves the plot as shown: Gradio
         walks every value it sends. Stop shows while `running` (default: while the session generates).
+        `shown`: what this stream's last view set the buttons to; they are sent only when that changes
+        (Gradio builds a component for each button update it sends: milliseconds of the server's time).
         """
         count = session.message_count + (sent is not None)
         first, end = page.window.bounds(count)
@@ -167,6 +170,14 @@ class ChatApp:
         elif reply is not None and messages and end == count:
             messages[-1]["content"] = reply
         numbers = self.metrics(session)
+        buttons = (earlier_label(first), first > 0, end < count, session.generating if running is None else running)
+        if shown is not None and shown.get("buttons") == buttons:
+            updates = (gr.skip(), gr.skip(), gr.skip())
+        else:
+            updates = (gr.update(value=buttons[0], visible=buttons[1]), gr.update(value=LATEST_LABEL, visible=buttons[2]),
+                       gr.update(visible=buttons[3]))
+            if shown is not None:
+                shown["buttons"] = buttons
         return (
             messages,  # never skipped, so it can stay a plain value (see as_update)
             gr.skip() if draft is None else (next(self._drafts), draft),  # numbered: each one is a change
@@ -174,9 +185,7 @@ class ChatApp:
             metrics_markdown(numbers),
             as_update(latency_frame(session)) if plot else gr.skip(),
             numbers,
-            gr.update(value=earlier_label(first), visible=first > 0),
-            gr.update(value=LATEST_LABEL, visible=end < count),
-            gr.update(visible=session.generating if running is None else running),
+            *updates,
         )
 
     def notice(self, session: ChatSession, page: PageState, error: Exception | str, **view) -> tuple:
@@ -685,6 +694,7 @@ class ChatApp:
         reply = ""
         plotted = float("-inf")  # the first token redraws the plot
         shown = float("-inf")  # and is shown at once
+        buttons: dict = {}  # what the stream's views set the buttons to
         try:
             with self.slots.hold():
                 for event in events:
@@ -692,7 +702,7 @@ class ChatApp:
                         progress((event.done, event.total), desc="Reading your message", unit="tokens")
                         yield self.view(session, page, f"{label}Reading your message: {event.done:,} / {event.total:,} "
                                         "tokens (the cache keeps the pinned start and the latest window).",
-                                        plot=False, running=True)
+                                        plot=False, running=True, shown=buttons)
                     elif isinstance(event, TokenEvent):
                         reply += event.text
                         now = time.monotonic()
@@ -703,7 +713,7 @@ class ChatApp:
                         replot = now - plotted >= plot_every
                         plotted = now if replot else plotted
                         yield self.view(session, page, f"{label}Streaming… {event.index + 1} tokens", reply=reply,
-                                        plot=replot, running=True)
+                                        plot=replot, running=True, shown=buttons)
                     elif isinstance(event, TurnEnd):
                         lost = event.reason == "stopped_while_reading"
                         note = f"{label}Done: {event.metrics.new_tokens} tokens, {END_NOTES[event.reason]}."

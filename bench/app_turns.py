@@ -116,13 +116,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write every turn's numbers here")
     args = parser.parse_args()
 
-    from gradio_client import Client
 
-    from served_app import serve_in_process
+    from served_app import local_client, serve_in_process
 
     marks = [int(at) for at in args.at.split(",") if int(at) <= args.turns]
     with serve_in_process(model=args.model, window=WINDOW, idle_minutes=600) as served:
-        client = Client(served.url, verbose=False)
+        client = local_client(served.url)
         started = time.monotonic()
 
         def progress(cost: TurnCost) -> None:

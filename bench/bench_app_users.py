@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from gradio_client import Client  # noqa: E402
 
 from bench.users_workload import SINK, WINDOW, add_workload_arguments, message  # noqa: E402
-from served_app import serve_subprocess  # noqa: E402
+from served_app import local_client, serve_subprocess  # noqa: E402
 
 STATUS, NUMBERS = 1, 4  # the status line and the raw metrics among the reply events' outputs
 
@@ -60,7 +60,7 @@ def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict
     send their first message at once; timed from then to the last reply's end."""
     results = [dict() for _ in range(users)]
     names = [f"user-{tag}-{i}" for i in range(users)]
-    clients = [Client(url, verbose=False) for _ in range(users)]
+    clients = [local_client(url) for _ in range(users)]
     start = threading.Barrier(users + 1)
     threads = [threading.Thread(target=user, args=(clients[i], names[i], turns, max_new_tokens, results[i], start))
                for i in range(users)]
@@ -86,7 +86,7 @@ def warm_up(url: str, timeout_s: float) -> float:
     began = time.perf_counter()
     while True:
         out: dict = {}
-        client = Client(url, verbose=False)
+        client = local_client(url)
         user(client, "warm", 1, 8, out)
         client.close()
         compiling = out["numbers"]["engine"]["compiling"]

@@ -17,7 +17,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app as app_module
-from served_app import fill_transcript, serve_in_process
+from served_app import fill_transcript, local_client, serve_in_process
 
 WINDOW = 64
 CHAT, STATUS, PANEL, PLOT, NUMBERS = range(5)  # what the reply events return over the API
@@ -44,7 +44,7 @@ def chat_app(served):
 
 @pytest.fixture
 def client(served):
-    return Client(served.url, verbose=False)
+    return local_client(served.url)
 
 
 def send(client: Client, message, system_prompt="", sink=4, window=WINDOW, seed=None):
@@ -108,19 +108,19 @@ def test_a_conversation_comes_back_through_the_api_and_moves_to_another_browser_
     """/open takes the browser state it returned before (what the page keeps in localStorage); /export
     and /import carry the conversation file through Gradio's file handling."""
     browser, listed = 6, 7  # in what /send returns; /open returns them at 5 and 6
-    first = Client(served.url, verbose=False)
+    first = local_client(served.url)
     assert first.predict(None, api_name="/open")[browser - 1]["value"]["current"] is None
     sent = send(first, "keep this")
     kept = sent[browser]["value"]
     assert [tuple(c) for c in sent[listed]["choices"]] == [("keep this", kept["current"])]
     reply = updates(respond(first))[-1][CHAT]
     first.close()
-    reloaded = Client(served.url, verbose=False)
+    reloaded = local_client(served.url)
     reopened = reloaded.predict(kept, api_name="/open")
     assert reopened[STATUS].startswith("Restored 2 messages (1 turn) from the store")
     assert [text_of(m) for m in reopened[CHAT]] == [text_of(m) for m in reply]
     exported = reloaded.predict(api_name="/export")[0]["value"]
-    other = Client(served.url, verbose=False)
+    other = local_client(served.url)
     assert other.predict(None, api_name="/open")[listed - 1]["choices"] == []
     imported = other.predict(handle_file(exported), api_name="/import")
     assert imported[STATUS].startswith("Imported “keep this”: 2 messages (1 turn)")
@@ -166,7 +166,7 @@ def test_final_metrics_are_the_engines(client, chat_app):
 
 
 def test_two_clients_at_once_do_not_share_anything(served, chat_app):
-    clients = {prompt: Client(served.url, verbose=False) for prompt in ("You are a pirate.", "You are a robot.")}
+    clients = {prompt: local_client(served.url) for prompt in ("You are a pirate.", "You are a robot.")}
     results = {}
 
     def chat(prompt: str, client: Client) -> None:
@@ -204,13 +204,13 @@ def test_stop_ends_the_reply_and_the_session_stays_usable(client, chat_app):
 
 
 def test_busy_message_when_every_generation_slot_is_taken(served, chat_app):
-    runners = [Client(served.url, verbose=False) for _ in range(chat_app.slots.limit)]
+    runners = [local_client(served.url) for _ in range(chat_app.slots.limit)]
     jobs = []
     for runner in runners:
         send(runner, ENDLESS["message"])
         jobs.append(respond(runner, max_new_tokens=ENDLESS["max_new_tokens"], temperature=ENDLESS["temperature"]))
     wait_for(chat_app.slots.full)
-    waiting = Client(served.url, verbose=False)
+    waiting = local_client(served.url)
     status = send(waiting, "my turn?")[STATUS]
     assert "Busy" in status and "queued" in status
     queued = respond(waiting, max_new_tokens=4)
@@ -238,7 +238,7 @@ def test_a_message_is_answered_once(client, chat_app):
     again = client.predict(12, 0.7, 0.9, api_name="/respond")
     assert again[STATUS] == "⚠️ there is no message to answer: send one first (each message is answered once)"
     assert len(chat_app.registry.peek(client.session_hash).messages) == 2
-    fresh = Client(client.src, verbose=False)
+    fresh = local_client(client.src)
     assert fresh.predict(12, 0.7, 0.9, api_name="/respond")[STATUS].startswith("⚠️ there is no message to answer")
 
 
@@ -431,14 +431,14 @@ def test_config_comes_from_the_environment():
 def test_fresh_sessions_reply_differently_and_a_seed_replays(served):
     """Each conversation draws its own random seed; the seed setting makes replies reproducible."""
     def reply(seed=None, client=None) -> str:
-        client = client or Client(served.url, verbose=False)
+        client = client or local_client(served.url)
         return text_of(turn(client, "Tell me a story.", seed=seed, max_new_tokens=24, temperature=0.7)[-1][CHAT][-1])
 
     assert reply() != reply()
     fixed = reply(seed=1234)
     assert reply(seed=1234) == fixed != reply(seed=99)
     # A new conversation (Clear) with the seed set replays the first reply too.
-    replayed = Client(served.url, verbose=False)
+    replayed = local_client(served.url)
     assert reply(seed=1234, client=replayed) == fixed
     replayed.predict(api_name="/clear")
     assert reply(seed=1234, client=replayed) == fixed
@@ -496,7 +496,7 @@ def test_memory_is_given_back_after_bursts_of_users(served, chat_app):
     from lckv_stream.metrics import process_rss_mb
 
     def burst() -> tuple[float, float]:
-        clients = [Client(served.url, verbose=False) for _ in range(16)]
+        clients = [local_client(served.url) for _ in range(16)]
         threads = [threading.Thread(target=turn, args=(c, f"user {i}: " + "many words " * 100),
                                     kwargs=dict(window=8192, max_new_tokens=2))
                    for i, c in enumerate(clients)]

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
 
-from served_app import fill_transcript, serve_in_process
+from served_app import fill_transcript, local_client, serve_in_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from app_turns import WINDOW, median_at, run_turns  # noqa: E402
@@ -37,7 +36,7 @@ def served():
 
 
 def test_300_turns_cost_the_page_what_10_do(served):
-    client = Client(served.url, verbose=False)
+    client = local_client(served.url)
     session = lambda: served.app.registry.peek(client.session_hash)  # noqa: E731  (made by the first turn)
     through_api = lambda turn: ALL_THROUGH_API or turn < MEASURED or turn >= TURNS - MEASURED  # noqa: E731
     costs = run_turns(client, TURNS, through_api=through_api, fill=lambda turn: fill_transcript(session(), 1, turn))

@@ -14,11 +14,10 @@ import os
 import time
 
 import pytest
-from gradio_client import Client
 
 from app_support.chat_view import LATEST
 from lckv_stream.base_model import cache_dir, cached_gguf
-from served_app import serve_subprocess
+from served_app import local_client, serve_subprocess
 
 TURNS = int(os.environ.get("LCKV_LONG_RUN_TURNS", "500"))
 SETTLED = 20  # turns after which memory must not move
@@ -38,7 +37,7 @@ def test_500_turns_keep_cache_and_process_memory_flat(tmp_path):
     env = {"LCKV_MODEL": "default", "LCKV_WINDOW": str(WINDOW), "LCKV_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
            "HF_HUB_OFFLINE": "1"}
     with serve_subprocess(env, tmp_path / "app.log") as url:
-        client = Client(url, verbose=False)
+        client = local_client(url)
         per_turn, started = [], time.monotonic()
         for turn in range(TURNS):
             client.predict(f"Hi {turn}", "", 4, WINDOW, None, api_name="/send")

@@ -24,7 +24,7 @@ from lckv_stream.chat import ChatSession
 from lckv_stream.conversation import COMPLETE, CUT
 from lckv_stream.sampling import SamplingSettings
 from lckv_stream.store import DB_NAME, ConversationStore
-from served_app import serve_in_process, start_subprocess, stop_process
+from served_app import local_client, serve_in_process, start_subprocess, stop_process
 
 CHAT, STATUS, NUMBERS = 0, 1, 4  # in what /open, /send and /respond return
 OPEN_BROWSER, SEND_BROWSER = 5, 6  # the browser state: what the page keeps in localStorage
@@ -64,7 +64,7 @@ def test_the_app_killed_mid_reply_keeps_every_finished_message_and_the_cut_reply
     env, log = app_env(tmp_path / "data"), tmp_path / "app.log"
     process, url = start_subprocess(env, log)
     try:
-        client = Client(url, verbose=False)
+        client = local_client(url)
         client.predict(None, api_name="/open")
         sent, first = turn(client, "first", max_new_tokens=6, temperature=0.0)
         kept = sent[SEND_BROWSER]["value"]
@@ -83,7 +83,7 @@ def test_the_app_killed_mid_reply_keeps_every_finished_message_and_the_cut_reply
 
     # Started again in this process: the same app on the same folder, without importing it all again.
     with serve_in_process(model="tiny-random", window=WINDOW, data_dir=str(tmp_path / "data")) as served:
-        client = Client(served.url, verbose=False)
+        client = local_client(served.url)
         reopened = client.predict(kept, api_name="/open")
         assert reopened[STATUS].startswith("Restored 4 messages (2 turns) from the store; the last reply was cut off "
                                            "when the server stopped while writing it")
@@ -116,7 +116,7 @@ def test_200_turns_with_three_restarts_lose_nothing_and_the_store_grows_linearly
     for start, end in zip((0,) + RESTARTS, RESTARTS + (TURNS,)):
         process, url = start_subprocess(env, log)
         try:
-            client = Client(url, verbose=False)
+            client = local_client(url)
             opened = client.predict(kept, api_name="/open")
             assert opened[NUMBERS]["messages"] == 2 * start, opened[STATUS]
             for number in range(start, end):
