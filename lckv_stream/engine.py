@@ -7,9 +7,9 @@ threads; the scheduler loop takes it between steps. Each iteration it:
 1. runs the commands that arrived (snapshot, restore, reset, resize, close: quick row copies),
 2. runs one batched decode step per bucket for every row that is generating (each row sampled
    with its own settings and random stream), and hands each job its token,
-3. encodes one bounded chunk of a message that a row is reading (rows take turns; rows reading at
-   once share one call, each cut as alone), so a long paste delays the others' tokens by one chunk
-   at most,
+3. encodes bounded chunks of the messages rows are reading (rows take turns, each chunk cut as if
+   the row were alone; on a CPU the rows reading at once share one call, on a GPU they read one
+   after another), so a long paste delays the others' tokens by one chunk at most,
 4. moves rows idle for a while to host memory (restored on their next turn, no re-encoding) and,
    past the host budget, drops the oldest to transcript-only (their owner re-encodes them).
 Rows join and leave between steps; Stop ends one row's job at the next step without touching others.
@@ -842,14 +842,16 @@ class Engine:
         if not self._prefills:
             return
         first = self._prefills[0]
-        if not first.row.bucket.batches_prefill:  # each alone, in line, while the budget lasts
-            budget = self.settings.prefill_tokens
-            while self._prefills and (budget == self.settings.prefill_tokens
-                                      or self._prefill_take(self._prefills[0]) <= budget):
-                budget -= self._prefill_take(self._prefills[0])
-                self._read([self._prefills[0]])
+        if first.row.bucket.batches_prefill:
+            self._read(self._prefill_group(first))
             return
-        self._read(self._prefill_group(first))
+        budget = self.settings.prefill_tokens  # each alone, in line, while the budget lasts
+        while True:
+            budget -= self._prefill_take(first)
+            self._read([first])
+            if not self._prefills or self._prefill_take(self._prefills[0]) > budget:
+                return
+            first = self._prefills[0]
 
     def _read(self, group: list[_Prefill]) -> None:
         """Encode the next chunk of each job in `group` (adjacent rows of one bucket: one call)."""

@@ -304,9 +304,10 @@ def test_engine_prefill_graphs_and_offload_to_pinned_memory():
 
 
 def test_rows_read_together_follow_each_row_read_alone():
-    """Four rows' messages of different lengths in one left-padded eager call (`prefill_rows`, what
-    the engine does on a GPU when rows read at once) against each row read alone through its
-    captured chunks: next-token logits within bfloat16 tolerance, the same slots held."""
+    """Four rows' messages of different lengths in one left-padded eager call (`prefill_rows`: what
+    the engine does when rows read at once, on a GPU only with `StepOptions.batch_prefill` on)
+    against each row read alone through its captured chunks: next-token logits within bfloat16
+    tolerance, the same slots held."""
     import threading
 
     from lckv_stream.default_model import default_layer_types
