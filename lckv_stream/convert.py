@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from .config import LCKVLlamaConfig
@@ -33,3 +35,19 @@ def convert_llama(llama, layer_types: str, **overrides) -> LCKVLlamaForCausalLM:
         raise ValueError(f"the Llama checkpoint lacks weights the LCKV model needs: {sorted(missing)[:5]}")
     model.load_state_dict(state)
     return model.eval()
+
+
+@torch.no_grad()
+def average_shared_kv(model: LCKVLlamaForCausalLM, llama) -> None:
+    """Give each layer that computes a KV the mean of the k and v projections of every layer that
+    reads that KV (itself included) in the Llama checkpoint it came from, as the official LCKV
+    conversion does: a shared KV then starts from what all its readers had, not from one of them."""
+    readers: dict[int, list[int]] = defaultdict(list)
+    for layer, source in enumerate(model.config.layer_map.sources):
+        readers[source].append(layer)
+    for source, layers in readers.items():
+        attention = model.model.layers[source].self_attn
+        for name in ("k_proj", "v_proj"):
+            weights = [getattr(llama.model.layers[i].self_attn, name).weight.float() for i in layers]
+            target = getattr(attention, name).weight
+            target.copy_(torch.stack(weights).mean(0).to(target.dtype))

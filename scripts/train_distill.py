@@ -3,7 +3,11 @@
 The student starts as an exact copy of the teacher with a new layer map. Trained: every attention
 weight and norm, plus low-rank (LoRA) adapters on the MLPs; embeddings and MLP weights stay frozen,
 so the result ships as a small delta on top of the base. Loss: KL(teacher || student) over the full
-vocabulary at every position. Runs for at most --minutes, then checkpoints; run it again to resume.
+vocabulary at every position, plus (--hidden-weight) the squared distance between the two models'
+final hidden states. A shared KV starts as its producer's projections, or (--kv-init average) as the
+mean of those of every layer that reads it. --long-share of the steps read --long-len-token text
+windows (the same tokens a step: fewer rows). Runs for at most --minutes, then checkpoints; run it
+again to resume.
 
     python scripts/train_distill.py --warmup 1,1 --data /tmp/lckv-data --out /tmp/lckv-run/w2 \
         --export $OUT --minutes 9 --total-steps 3000
@@ -23,7 +27,7 @@ from torch import nn
 
 from lckv_stream import LayerMap, lckv_map
 from lckv_stream.base_model import GGUF_NAME, GGUF_SHA256, load_base
-from lckv_stream.convert import convert_llama
+from lckv_stream.convert import average_shared_kv, convert_llama
 from lckv_stream.delta import read_delta, save_delta
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -49,8 +53,11 @@ def trains_fully(name: str) -> bool:
     return ".self_attn." in name or "layernorm" in name or name == "model.norm.weight"
 
 
-def build_student(base, layer_types: str, rank: int, alpha: float, passes: int, grad_passes: int):
+def build_student(base, layer_types: str, rank: int, alpha: float, passes: int, grad_passes: int,
+                  kv_init: str = "own"):
     student = convert_llama(base, layer_types, forward_passes=passes, backward_passes=grad_passes)
+    if kv_init == "average":
+        average_shared_kv(student, base)
     student.requires_grad_(False)
     for name, param in student.named_parameters():
         param.requires_grad_(trains_fully(name))
@@ -103,21 +110,29 @@ def load_delta_into_student(student, folder: Path, keep_teacher: set[int] = froz
 class Batches:
     """Random windows of the text stream, or whole sampled chats, as [batch, length] token ids."""
 
-    def __init__(self, data: Path, seq_len: int, batch: int, chat_share: float, seed: int) -> None:
+    def __init__(self, data: Path, seq_len: int, batch: int, chat_share: float, seed: int,
+                 long_len: int = 0, long_share: float = 0.0) -> None:
         self.text = np.load(data / "train.npy", mmap_mode="r")
         chats = data / "chats.npy"
         self.chats = np.load(chats, mmap_mode="r") if chats.exists() and chat_share > 0 else None
         self.seq_len, self.batch, self.chat_share = seq_len, batch, chat_share
+        self.long_len, self.long_share = long_len, long_share if long_len > seq_len else 0.0
         self.rng = np.random.default_rng(seed)
 
     def next(self, device: str) -> torch.Tensor:
-        if self.chats is not None and self.rng.random() < self.chat_share:
+        draw = self.rng.random()
+        if self.chats is not None and draw < self.chat_share:
             rows = self.rng.integers(0, len(self.chats), self.batch)
             block = np.asarray(self.chats[np.sort(rows)], dtype=np.int64)
+        elif draw >= 1 - self.long_share:  # long windows: as many tokens, fewer rows
+            block = self._windows(self.long_len, max(1, self.batch * self.seq_len // self.long_len))
         else:
-            starts = self.rng.integers(0, len(self.text) - self.seq_len, self.batch)
-            block = np.stack([np.asarray(self.text[s : s + self.seq_len], dtype=np.int64) for s in starts])
+            block = self._windows(self.seq_len, self.batch)
         return torch.from_numpy(block).to(device, non_blocking=True)
+
+    def _windows(self, length: int, rows: int) -> np.ndarray:
+        starts = self.rng.integers(0, len(self.text) - length, rows)
+        return np.stack([np.asarray(self.text[s : s + length], dtype=np.int64) for s in starts])
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: int = 2) -> torch.Tensor:
@@ -128,6 +143,13 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ro
         log_q = torch.log_softmax(student_logits[start : start + rows].float(), dim=-1)
         total = total + (target.exp() * (target - log_q)).sum(dim=-1).sum()
     return total / (student_logits.shape[0] * student_logits.shape[1])
+
+
+def hidden_distance(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the final hidden states, over the teacher's mean square (scale
+    free: 1.0 is a student as far from the teacher as the teacher is from zero)."""
+    teacher = teacher_hidden.float()
+    return (student_hidden.float() - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -173,6 +195,12 @@ def main() -> None:
     parser.add_argument("--forward-passes", type=int, default=7)
     parser.add_argument("--backward-passes", type=int, default=2)
     parser.add_argument("--chat-share", type=float, default=0.4)
+    parser.add_argument("--long-len", type=int, default=0, help="tokens of a long text window (e.g. 8192)")
+    parser.add_argument("--long-share", type=float, default=0.0, help="share of the steps on long windows")
+    parser.add_argument("--kv-init", choices=("own", "average"), default="own",
+                        help="a shared KV's projections at the start: its producer's, or the mean of its readers'")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="weight of the final hidden states' distance beside the KL")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--select-windows", type=int, default=SELECTION_WINDOWS[1],
                         help="held-out windows from 100 on for choosing between maps (fewer for a CPU smoke run)")
@@ -190,7 +218,7 @@ def main() -> None:
     layer_types = args.layer_types or lckv_map(layers, bottom, top)
     teacher = base.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval().requires_grad_(False)
     student = build_student(load_base("cpu")[0], layer_types, args.rank, 2.0 * args.rank,
-                            args.forward_passes, args.backward_passes).to(device)
+                            args.forward_passes, args.backward_passes, args.kv_init).to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95),
                                   fused=device == "cuda")
@@ -214,7 +242,8 @@ def main() -> None:
             step = previous["step"]
             print(f"resumed weights from {args.resume_delta} at step {step} (fresh optimizer)", flush=True)
 
-    batches = Batches(args.data, args.seq_len, args.batch, args.chat_share, args.seed + step)
+    batches = Batches(args.data, args.seq_len, args.batch, args.chat_share, args.seed + step,
+                      args.long_len, args.long_share)
     print(f"layer map {layer_types}: {len(set(map(int, layer_types.split('_'))))} KV layers; "
           f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable", flush=True)
     budget = args.minutes * 60
@@ -228,10 +257,14 @@ def main() -> None:
             group["lr"] = learning_rate(step, args.total_steps, args.lr, args.warmup_steps)
         ids = batches.next(device)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            teacher_logits = teacher(ids).logits
+            teacher_hidden = teacher.model(ids).last_hidden_state
+            teacher_logits = teacher.lm_head(teacher_hidden)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            student_logits = student(ids).logits
-        loss = kl_to_teacher(student_logits, teacher_logits)
+            student_hidden = student.model(ids, None)
+            student_logits = student.lm_head(student_hidden)
+        kl = kl_to_teacher(student_logits, teacher_logits)
+        hidden = hidden_distance(student_hidden, teacher_hidden)  # logged whatever its weight
+        loss = kl + args.hidden_weight * hidden
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -243,14 +276,17 @@ def main() -> None:
         step_times.append(time.time() - tick)
         if step % 20 == 0 or step == 1:
             rate = ids.numel() / step_times[-1]
-            print(f"step {step} kl {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"{rate:,.0f} tok/s", flush=True)
-            log.append({"step": step, "kl": round(loss.item(), 5), "tokens": tokens_seen})
+            print(f"step {step} kl {kl.item():.4f} hidden {hidden.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"{rate:,.0f} tok/s ({ids.shape[0]} x {ids.shape[1]})", flush=True)
+            log.append({"step": step, "kl": round(kl.item(), 5), "hidden": round(hidden.item(), 5),
+                        "tokens": tokens_seen})
 
     heldout = np.load(args.data / "heldout.npy", mmap_mode="r")
     selection_first, selection_count = SELECTION_WINDOWS[0], args.select_windows
     result = {
         "layer_types": layer_types,
+        "options": {"kv_init": args.kv_init, "hidden_weight": args.hidden_weight, "seq_len": args.seq_len,
+                    "long_len": args.long_len, "long_share": args.long_share},
         "kv_layers": len(set(layer_types.split("_"))),
         "step": step,
         "tokens": tokens_seen,
