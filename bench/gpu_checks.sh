@@ -34,7 +34,7 @@ case "${1:-}" in
       --compile-classes 1 8 32 64 --compile-timeout 400 --out "$out/engine_compiled"
     tar -czf "$out/inductor.tar.gz" -C "$(python3 -c 'from lckv_stream.base_model import cache_dir; print(cache_dir())')" inductor || true
     timeout 150 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py \
-      -k "engine_graphs or prefill_graphs_and_offload or two_sessions or read_together" 2>&1 | grep -v Warning
+      -k "engine_graphs or prefill_graphs_and_offload or two_sessions or read_together or compiled_sampler" 2>&1 | grep -v Warning
     ;;
   engine-restart)
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \

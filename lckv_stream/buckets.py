@@ -107,8 +107,9 @@ class Bucket:
         self._decoders: dict[int, object] = {}
         self._compiled: dict[int, bool] = {}
         self._samplers: dict[tuple[int, int], tuple] = {}
-        # On a CPU: `sample_rows` compiled per (class, width) by the side compiler, one fused pass over
-        # the vocabulary instead of a dozen (6.5 against 1.8 ms for 8 rows); eager for other widths.
+        # `sample_rows` compiled per (class, width) by the side compiler (captured in `_samplers` on
+        # CUDA): a few fused passes over the vocabulary instead of dozens of kernels (on a CPU 6.5
+        # against 1.8 ms for 8 rows); eager for other widths.
         self._compiled_samplers: dict[tuple[int, int], Callable] = {}
         self._whole_steps: dict[tuple[int, int], tuple | None] = {}  # (class, width): one graph a step
         self._whole_step_errors: dict[int, str] = {}
@@ -252,8 +253,8 @@ class Bucket:
 
     def install_compiled(self, size: int, function: Callable, sampler: Callable | None = None) -> None:
         """Replace class `size`'s plain graph (on a CPU: its eager step) with the compiled step, captured
-        on CUDA (engine thread); on a CPU, `sampler` (compiled `sample_rows` for the default width)
-        replaces the eager sampler of that class."""
+        on CUDA (engine thread); `sampler` (compiled `sample_rows` for the default width) replaces the
+        eager sampler of that class."""
         view = self.cache.rows(0, size)
         try:
             # A guard that fails here would compile on the engine's thread: refuse instead.
@@ -276,13 +277,21 @@ class Bucket:
 
     def _install_sampler(self, size: int, sampler: Callable) -> None:
         """Use the compiled sampler for class `size` after one call on the rows' own buffers (a guard
-        that fails raises here, not in a reply); the eager one stays where it fails."""
+        that fails raises here, not in a reply); the eager one stays where it fails. With graphs, the
+        compiled sampler is captured in place of the eager one: a few fused kernels instead of about
+        ninety small ones (the noise hash alone is dozens), each a launch gap in every step."""
         width = width_of(SamplingSettings(), self.next_logits.shape[-1])
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                self._run_sampler(sampler, size, width)
+                if self.graphs:
+                    graph = self._capture_sampler(size, width, sampler)
+                else:
+                    self._run_sampler(sampler, size, width)
         except Exception:  # the eager sampler keeps serving
             return
+        if self.graphs:
+            self._samplers[(size, width)] = graph
+            self.counters.graphs_captured += 1
         self._compiled_samplers[(size, width)] = sampler
 
     def _run_sampler(self, sampler: Callable, size: int, width: int) -> torch.Tensor:
@@ -474,9 +483,9 @@ class Bucket:
         graph.replay()
         return tokens
 
-    def _capture_sampler(self, size: int, width: int) -> tuple:
+    def _capture_sampler(self, size: int, width: int, sampler: Callable = sample_rows) -> tuple:
         view, logits, params = self.cache.rows(0, size), self.next_logits[:size], self._row_params(size)
-        return capture(lambda: sample_rows(logits, params, width, view.token_ids, view.token_index >= 0),
+        return capture(lambda: sampler(logits, params, width, view.token_ids, view.token_index >= 0),
                        None, warmup=1)
 
     @property
@@ -568,8 +577,8 @@ class SideCompiler:
 
     def _compile(self, bucket: Bucket, size: int) -> tuple[Callable, Callable | None] | str:
         """Compile the step for `size` rows of the bucket's shape on a scratch cache of that shape,
-        and on a CPU the sampler for the default width too (None where that fails: the eager one
-        serves); the error's text when the step fails."""
+        and the sampler for the default width too (None where that fails: the eager one serves); the
+        error's text when the step fails."""
         try:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=size)
@@ -584,8 +593,6 @@ class SideCompiler:
                 torch.cuda.synchronize()
         except Exception as error:  # the plain graph (or eager step) keeps serving
             return str(error) or type(error).__name__
-        if bucket.options.graphs:
-            return function, None
         try:
             return function, _compile_sampler(scratch, size, bucket.next_logits)
         except Exception:  # the eager sampler keeps serving
@@ -619,8 +626,9 @@ def _compile_sampler(scratch: SinkWindowCache, size: int, pending_logits: torch.
     vocab = pending_logits.shape[-1]
     width = width_of(SamplingSettings(), vocab)
     # Outside inference mode, as the bucket calls it (its guards check the inputs' kind).
-    params = RowSampling(**{name: torch.zeros(size, dtype=dtype) for name, dtype in _SAMPLING_FIELDS.items()})
-    logits = torch.zeros(size, vocab, dtype=pending_logits.dtype)
+    device = pending_logits.device
+    params = RowSampling(**{name: torch.zeros(size, dtype=dtype, device=device) for name, dtype in _SAMPLING_FIELDS.items()})
+    logits = torch.zeros(size, vocab, dtype=pending_logits.dtype, device=device)
     sampler(logits, params, width, scratch.token_ids, scratch.token_index >= 0)
     return sampler
 

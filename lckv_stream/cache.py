@@ -455,9 +455,16 @@ class SinkWindowCache:
         return (slice(None),)  # the small buffers whole: the stream indices say which slots hold a token
 
     def copy_row(self, source: int, target: int) -> None:
-        """Row `target` becomes a copy of row `source` (sizes included), on the device."""
-        if source != target:
-            self.rows(target, target + 1).restore(dict(self.rows(source, source + 1)._state(sizes=True)))
+        """Row `target` becomes a copy of row `source` (sizes included), on the device, queued behind
+        the work already queued: no host sync (the sizes come from the host's own copy), and every
+        buffer in one multi-tensor copy instead of a launch per buffer (a read through the spare row
+        copies a row twice)."""
+        if source == target:
+            return
+        targets = [buffer for _, buffer in self.rows(target, target + 1)._state(sizes=True)]
+        sources = [buffer for _, buffer in self.rows(source, source + 1)._state(sizes=True)]
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+        self._sizes[self._first + target] = list(self._sizes[self._first + source])
 
     def _state(self, sizes: bool = False) -> list[tuple[str, torch.Tensor]]:
         """Every buffer of the state, named (per-layer buffers as keys.0, keys.1, ...); with `sizes`,

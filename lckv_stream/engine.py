@@ -9,7 +9,8 @@ threads; the scheduler loop takes it between steps. Each iteration it:
    with its own settings and random stream), and hands each job its token,
 3. encodes bounded chunks of the messages rows are reading (rows take turns, each chunk cut as if
    the row were alone; on a CPU the rows reading at once share one call, on a GPU they read one
-   after another), so a long paste delays the others' tokens by one chunk at most,
+   after another, one an iteration while rows generate), so a long paste delays the others' tokens
+   by one chunk at most,
 4. moves rows idle for a while to host memory (restored on their next turn, no re-encoding) and,
    past the host budget, drops the oldest to transcript-only (their owner re-encodes them).
 Rows join and leave between steps; Stop ends one row's job at the next step without touching others.
@@ -494,12 +495,13 @@ class Engine:
         self._in_flight = [step for step in map(self._launch, list(self._buckets.values())) if step is not None]
         # Every generating row waits for its reader and nothing else is to do: spinning here would
         # only keep the readers' threads from the interpreter.
-        idle = not self._in_flight and self._readers_behind and not self._prefills
+        stepped = bool(self._in_flight)
+        idle = not stepped and self._readers_behind and not self._prefills
         for step in queued:
             self._finish(step)
         if not self.settings.overlap_steps:
             self._finish_all()
-        self._prefill_chunk()
+        self._prefill_chunk(stepped)
         if time.monotonic() - self._last_housekeeping > 1.0:
             self._finish_all()
             self._housekeeping()
@@ -833,12 +835,13 @@ class Engine:
         while self._in_flight:
             self._finish(self._in_flight.pop(0))
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, stepped: bool) -> None:
         """Encode the next chunks of the messages rows are reading, up to `prefill_tokens` in all, so
         that the others' next token is not held up long. Each row's chunk is cut the same way
         whatever else runs (iterated layer maps depend on the cuts). Where the bucket batches
         prefill, the rows next to the first one in line that read a chunk of the same kind join it
-        in one call; elsewhere the rows in line read one after another."""
+        in one call; elsewhere the rows in line read one after another, and only one in an
+        iteration that `stepped` (queued a decode step)."""
         if not self._prefills:
             return
         first = self._prefills[0]
@@ -849,7 +852,10 @@ class Engine:
         while True:
             budget -= self._prefill_take(first)
             self._read([first])
-            if not self._prefills or self._prefill_take(self._prefills[0]) > budget:
+            # A read alone costs a whole forward pass however short its chunk (on a GPU about one
+            # step for a few tokens): with rows generating, one read an iteration, or short messages
+            # arriving together would hold every generating row for the sum of their reads.
+            if stepped or not self._prefills or self._prefill_take(self._prefills[0]) > budget:
                 return
             first = self._prefills[0]
 

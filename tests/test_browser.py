@@ -129,12 +129,12 @@ def test_stop_while_reading_a_long_paste_puts_it_back_in_the_box(served, page, r
     engine = served.app.engine
     read_chunk, chunks = engine._prefill_chunk, []
 
-    def read_until_stopped():
+    def read_until_stopped(stepped: bool):
         if engine._prefills:
             chunks.append(len(chunks))
             if len(chunks) > 1:
                 session._stop.wait(timeout=60)
-        read_chunk()
+        read_chunk(stepped)
 
     engine._prefill_chunk = read_until_stopped
     request.addfinalizer(lambda: vars(engine).pop("_prefill_chunk"))

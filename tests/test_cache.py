@@ -102,6 +102,25 @@ def test_snapshot_and_restore_bring_back_the_exact_state():
     assert torch.equal(expected, again)
 
 
+@pytest.mark.parametrize("layer_types", [cla_map(4, 2), "0_2s_2s_3"])  # the second has a ring buffer
+def test_a_copied_row_continues_as_its_source_and_leaves_the_others_alone(layer_types):
+    """copy_row: the target row gets every buffer and the sizes of the source (it then gives the
+    source's next logits), the source and the other rows stay as they were."""
+    model = tiny_model(layer_types, sliding_window=3)
+    cache = model.new_cache(sink=2, window=6, batch_size=3)
+    cache.set_row_size(0, 1, 5)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (3, 9)), cache)
+        before = {name: buffer.clone() for name, buffer in cache._state(sizes=True)}
+        cache.copy_row(0, 2)
+        for name, buffer in cache._state(sizes=True):
+            assert torch.equal(buffer[2], before[name][0]), name
+            assert torch.equal(buffer[:2], before[name][:2]), name
+        assert cache.row_size(2) == cache.row_size(0) == (1, 5)
+        step = model(torch.tensor([[7], [8], [7]]), cache).logits
+    assert torch.equal(step[0], step[2])
+
+
 def test_batched_rows_stream_independently():
     model = tiny_model(lckv_map(4))
     ids = torch.randint(0, 300, (3, 12))

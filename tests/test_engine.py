@@ -6,6 +6,7 @@ sampler and draw numbers. The engine must give every conversation exactly the to
 batched with others of other sizes, settings and lengths, joining and leaving mid-stream.
 """
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -192,6 +193,55 @@ def test_a_stream_delivers_held_events_once_due_and_its_end_at_once():
     owner.join(timeout=5)
     assert not owner.is_alive() and received == ["first", "second", "third"] and stream.reason == "eos"
     assert stream.backlog == 0
+
+
+def test_rows_reading_alone_take_one_read_an_iteration_while_rows_generate():
+    """Rows reading one after another (a GPU's way) share the prefill budget only while nothing
+    generates: a read costs a whole forward pass however short, so with a row generating each
+    iteration reads one row, and the generating row steps between every two reads."""
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=8, prefill_tokens=48, overlap_steps=True))
+    engine._options.batch_prefill = False
+    iteration, reads = [0], []  # reads: (iteration, a decode step queued in it)
+    run_iteration, read = engine._iteration, engine._read
+
+    def counted_iteration(block: bool) -> None:
+        iteration[0] += 1
+        run_iteration(block)
+
+    def recorded_read(group) -> None:
+        reads.append((iteration[0], bool(engine._in_flight)))
+        read(group)
+
+    engine._iteration, engine._read = counted_iteration, recorded_read
+    g = torch.Generator().manual_seed(3)
+    rows = [engine.open_row(4, 64, seed=i) for i in range(4)]
+    messages = [torch.randint(3, 300, (12,), generator=g).tolist() for _ in rows]
+
+    def read_at_once(readers: list) -> list[JobStream]:
+        # Submitted from the engine's own thread: every job arrives in the same iteration.
+        return engine._call(lambda: [engine.prefill(row, messages[i], 16, threading.Event())
+                                     for i, row in readers])
+
+    for stream in read_at_once(list(enumerate(rows[:3]))):
+        list(stream)
+    idle_reads = list(reads)
+    assert max(collections.Counter(i for i, _ in idle_reads).values()) == 3  # 3 x 12 tokens within 48
+    reads.clear()
+    list(engine.prefill(rows[3], messages[3], 16, threading.Event()))
+    settings = SamplingSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=40)
+    stream, _ = engine.generate(rows[3], settings, frozenset(), threading.Event())
+    events = iter(stream)
+    next(events)  # the row generates now
+    readers = read_at_once(list(enumerate(rows[:3])))
+    for reader in readers:
+        list(reader)
+    list(events)
+    during = [(i, queued) for i, queued in reads if queued]
+    assert len(during) >= 2, "no read ran while the row generated: this test did not test that"
+    per_iteration = collections.Counter(i for i, _ in during)
+    assert max(per_iteration.values()) == 1
+    engine.close()
 
 
 def test_a_conversation_alone_in_the_engine_equals_it_in_a_crowd():

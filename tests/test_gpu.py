@@ -351,7 +351,7 @@ def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
 
     from lckv_stream.default_model import default_layer_types
     from lckv_stream.engine import Engine, EngineSettings
-    from lckv_stream.sampling import SamplingSettings
+    from lckv_stream.sampling import SamplingSettings, width_of
 
     model = smollm_shaped(default_layer_types())
     started = time.perf_counter()
@@ -380,7 +380,66 @@ def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
                                    threading.Event())[0] for r in rows]
         [list(s) for s in streams]
     assert (engine.counters.decoders_built, engine.counters.graphs_captured) == counters
+    bucket = next(iter(engine._buckets.values()))
+    width = width_of(SamplingSettings(), 49152)
+    assert all((size, width) in bucket._compiled_samplers for size in bucket.classes)  # captured with the steps
     print(f"compiled {engine.counters.compiles_finished} steps in {engine.counters.compile_seconds:.0f} s")
+
+
+@pytest.mark.parametrize("size", [1, 64])
+def test_compiled_sampler_replayed_from_a_graph_draws_the_eager_samplers_tokens(size):
+    """The sampler the side compiler builds for a batch class, captured in a CUDA graph as a bucket
+    captures it, draws the eager sampler's tokens: rows greedy and sampled, with and without top-p
+    and repetition penalty, over many draws (the noise hash is integer arithmetic: exact)."""
+    from types import SimpleNamespace
+
+    from lckv_stream.buckets import _compile_sampler
+    from lckv_stream.decoding import capture
+    from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
+
+    vocab, slots = 49152, 1040
+    width = width_of(SamplingSettings(), vocab)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.zeros(size, vocab, dtype=torch.bfloat16, device="cuda")
+    scratch = SimpleNamespace(token_ids=torch.randint(0, vocab, (size, slots), device="cuda", generator=g),
+                              token_index=torch.randint(-1, 2000, (size, slots), device="cuda", generator=g))
+    sampler = _compile_sampler(scratch, size, logits)
+    rows = RowSampling.of([SamplingSettings(temperature=[0.0, 0.7, 1.0, 1.3][i % 4], top_p=[1.0, 0.9, 0.95][i % 3],
+                                            repetition_penalty=[1.0, 1.1, 1.3][i % 3]) for i in range(size)],
+                          seeds=list(range(size)), draws=[0] * size, device="cuda")
+    held = scratch.token_index >= 0
+    graph, tokens = capture(lambda: sampler(logits, rows, width, scratch.token_ids, held), None, warmup=1)
+    mismatches = 0
+    for draw in range(200 if size == 1 else 20):
+        logits.copy_(torch.randn(size, vocab, device="cuda", generator=g) * 4)
+        rows.draws.fill_(draw)
+        graph.replay()
+        expected = sample_rows(logits, rows, width, scratch.token_ids, held)
+        mismatches += int((tokens != expected).sum())
+    assert mismatches == 0
+
+
+def test_a_read_alone_and_a_row_swap_queue_no_host_sync():
+    """A row reading through the spare row's captured chunks, and two rows trading places, only queue
+    work behind the step in flight: a host sync there would stall every generating row."""
+    from lckv_stream.buckets import Bucket, Counters, StepOptions
+    from lckv_stream.default_model import default_layer_types
+
+    model = smollm_shaped(default_layer_types())
+    bucket = Bucket(model, 4, 252, rows=4, options=StepOptions(graphs=True, compile=False, batch_prefill=False),
+                    counters=Counters())
+    ids = torch.arange(5, 25, device="cuda").view(1, 20)  # chunks of 16 and 4
+    bucket.prefill(0, ids)
+    expected = bucket.next_logits[0].clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bucket.prefill(1, ids)
+        bucket.swap(1, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(bucket.next_logits[2], expected)
+    assert bucket.cache.held_indices(2) == bucket.cache.held_indices(0)
 
 
 def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():

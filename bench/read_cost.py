@@ -1,0 +1,58 @@
+"""What one row's read of a short message costs in the engine (run on the device it serves):
+messages of a few lengths read alone, one captured prefill chunk replayed, the row copies a read
+through the spare row makes, and `Bucket.prefill` as a whole.
+
+    PYTHONPATH=. python bench/read_cost.py            # random weights of the default model's shape
+
+On a GPU this is what sets how many rows may read in one scheduler iteration while others generate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from bench.bench_engine import build_model
+from lckv_stream.buckets import bucket_shape
+from lckv_stream.engine import Engine, EngineSettings
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_ms(function, repeats: int = 50) -> float:
+    synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize()
+    return (time.perf_counter() - began) / repeats * 1e3
+
+
+def main() -> None:
+    model = build_model("random")
+    engine = Engine(model, EngineSettings.for_device(model.device, compile=False, warm_shape=(4, 1024)))
+    bucket = engine._buckets[bucket_shape(4, 1024)]
+    decoder = bucket._prefill_decoder
+    print(f"device {model.device}; prefill decoder: {decoder.name if decoder else 'eager'}")
+    row = engine.open_row(4, 1024, seed=0)
+    print("| what | ms |\n|---|---|")
+    for count in (20, 20, 100, 16, 4):
+        began = time.perf_counter()
+        list(engine.prefill(row, list(range(5, 5 + count)), 256, threading.Event()))
+        synchronize()
+        print(f"| a {count}-token message read alone | {(time.perf_counter() - began) * 1e3:.2f} |")
+    ids = torch.arange(16, device=model.device).view(1, 16)
+    if decoder is not None and getattr(decoder, "_prefill_graphs", None):
+        print(f"| one captured 16-token chunk | {engine._call(lambda: timed_ms(lambda: decoder._replay_prefill(ids))):.3f} |")
+    print(f"| a row copied to the spare row | {engine._call(lambda: timed_ms(lambda: bucket.cache.copy_row(0, bucket.spare))):.3f} |")
+    print(f"| Bucket.prefill of 16 tokens | {engine._call(lambda: timed_ms(lambda: bucket.prefill(0, ids))):.3f} |")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
