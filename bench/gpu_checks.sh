@@ -16,6 +16,11 @@
 #            warm compile cache, then 64 conversations x 500 turns; about 8 minutes
 #   soak : 64 conversations x 500 turns alone, after compiling the four classes cold (about 4
 #          minutes); cut after SOAK_S seconds (default 300), reporting the turns every one finished
+#   reads : what one row's read costs, plain graphs, then after compiling the steps and the prefill
+#           chunks cold (about 8 minutes); it fills the compile cache (/tmp/torchinductor_*), so
+#           `engine` or `soak` run next on the same warm machine compile in seconds
+# The steps and the prefill chunks compile on the side (steps first): cold, `engine` and `soak`
+# wait about 8 minutes for both; run `reads` first on the machine, or set LCKV_COMPILE_PREFILL=0.
 set -euo pipefail
 # The repository root on the path: the benchmarks import lckv_stream from the checkout.
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -40,12 +45,16 @@ case "${1:-}" in
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
       --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
+  reads)
+    python3 bench/read_cost.py
+    python3 bench/read_cost.py --compile
+    ;;
   soak)
     python3 -m bench.bench_engine --model random --parts soak --compile-classes 1 8 32 64 --turns 500 \
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart|soak" >&2
+    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac

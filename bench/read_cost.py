@@ -2,13 +2,16 @@
 messages of a few lengths read alone, one captured prefill chunk replayed, the row copies a read
 through the spare row makes, and `Bucket.prefill` as a whole.
 
-    PYTHONPATH=. python bench/read_cost.py            # random weights of the default model's shape
+    PYTHONPATH=. python bench/read_cost.py            # random weights of the default model's shape, plain graphs
+    PYTHONPATH=. python bench/read_cost.py --compile  # after the side compiler's steps and prefill chunks
 
 On a GPU this is what sets how many rows may read in one scheduler iteration while others generate.
+With --compile it also fills the compile cache for the benchmarks run after it on the same machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -34,8 +37,21 @@ def timed_ms(function, repeats: int = 50) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="compile as the server does (classes 1, 8, 32, 64)")
+    parser.add_argument("--compile-timeout", type=float, default=520)
+    args = parser.parse_args()
     model = build_model("random")
-    engine = Engine(model, EngineSettings.for_device(model.device, compile=False, warm_shape=(4, 1024)))
+    began = time.perf_counter()
+    engine = Engine(model, EngineSettings.for_device(model.device, compile=args.compile, warm_shape=(4, 1024),
+                                                     compiled_classes=(1, 8, 32, 64)))
+    while args.compile and engine.stats().compiling and time.perf_counter() - began < args.compile_timeout:
+        engine._call(lambda: None)  # compiled work is installed between iterations
+        time.sleep(0.5)
+    if args.compile:
+        counters = engine.counters
+        print(f"compiled {counters.compiles_finished} of {counters.compiles_started} (steps and prefill chunks) "
+              f"in {time.perf_counter() - began:.0f} s ({counters.compile_seconds:.0f} s of compiling)")
     bucket = engine._buckets[bucket_shape(4, 1024)]
     decoder = bucket._prefill_decoder
     print(f"device {model.device}; prefill decoder: {decoder.name if decoder else 'eager'}")

@@ -130,13 +130,14 @@ class ForwardContext:
         if steps == 1:
             context.slot, context.ring_slot = cache.claim_next_slot(input_ids)
             return context
-        if _capturing(input_ids) or torch.compiler.is_compiling():  # fixed shapes: every slot
+        fixed = _capturing(input_ids) or torch.compiler.is_compiling()  # no host reads: every slot
+        if fixed:
             context.columns = (cache.capacity, cache.ring_capacity)
         else:
             context.columns = (cache.held_columns(), cache.held_columns(ring=True) if cache.ring_layers else 0)
-        if cache.sink > 0 and (_capturing(input_ids) or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
-            # Re-score sink columns per query when the call overflows the cache; a captured call
-            # always does (it is exact either way, and the check would need the host).
+        if cache.sink > 0 and (fixed or bool((context.shift[:, 0] != context.shift[:, -1]).any())):
+            # Re-score sink columns per query when the call overflows the cache; a captured or
+            # compiled call always does (it is exact either way, and the check would need the host).
             context.sink_query_cos, context.sink_query_sin = rope(query_index - context.shift, dtype)
         return context
 

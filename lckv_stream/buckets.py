@@ -70,6 +70,7 @@ class StepOptions:
     graphs: bool = False  # CUDA graphs for the step, the prefill chunks and the sampler
     compile: bool = False  # compile the step (on the side: plain graphs serve meanwhile)
     prefill_graphs: bool = True
+    compile_prefill: bool = True  # with compile and prefill graphs: the chunks compiled on the side too
     # Rows reading messages at the same time are encoded in one call (`Bucket.prefill_rows`). Off,
     # each reads alone, one after another, as it would with no one else there: on a GPU, where the
     # one call (eager, bfloat16, other matrix shapes) gives other tokens than each row's captured
@@ -189,6 +190,10 @@ class Bucket:
             if self.options.compiled_classes is None or size in self.options.compiled_classes:
                 self._compiler.submit(self, size)
                 self.counters.compiles_started += 1
+        if self.options.graphs and self.options.prefill_graphs and self.options.compile_prefill:  # then the chunks
+            for size in sorted(size for size in PREFILL_GRAPH_SIZES if size <= self.shape[1]):
+                self._compiler.submit(self, size, prefill=True)
+                self.counters.compiles_started += 1
 
     # ---- rows ---------------------------------------------------------------------------------
     @property
@@ -275,6 +280,17 @@ class Bucket:
         for width in [key[1] for key in self._whole_steps if key[0] == size]:
             self._capture_whole_step(size, width)  # again, around the compiled step
 
+    def install_compiled_prefill(self, size: int, function: Callable) -> None:
+        """Capture the compiled prefill chunk of `size` tokens in place of the plain one (engine
+        thread); where that fails the plain chunk stays, and the prefill decoder's name says why."""
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                self._prefill_decoder.install_prefill(size, function)
+        except Exception as error:
+            self._prefill_decoder.name += f" (compiled {size}-token chunk failed: {str(error)[:80]})"
+            return
+        self.counters.graphs_captured += 1
+
     def _install_sampler(self, size: int, sampler: Callable) -> None:
         """Use the compiled sampler for class `size` after one call on the rows' own buffers (a guard
         that fails raises here, not in a reply); the eager one stays where it fails. With graphs, the
@@ -299,6 +315,10 @@ class Bucket:
         cache = self.cache  # the rows' token ids and which slots hold one, as a view of them would give
         return sampler(self.next_logits[:size], self._row_params(size), width, cache.token_ids[:size],
                        cache.token_index[:size] >= 0)
+
+    def prefill_compile_failed(self, size: int, reason: str) -> None:
+        """The plain prefill chunk of `size` tokens keeps serving; the prefill decoder's name says why."""
+        self._prefill_decoder.name += f" (compiling the {size}-token chunk failed: {reason[:80]})"
 
     def compile_failed(self, size: int, reason: str) -> None:
         """Class `size` keeps its plain graph (or eager step); its name says why."""
@@ -535,16 +555,17 @@ class SideCompiler:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._queue: list[tuple[Bucket, int]] = []
-        self._ready: list[tuple[Bucket, int, Callable | str, float]] = []
+        self._queue: list[tuple[Bucket, int, bool]] = []  # (bucket, batch class or chunk size, a prefill chunk)
+        self._ready: list[tuple[Bucket, int, bool, object, float]] = []
         self._working = 0  # compiles under way (taken from the queue, not ready yet)
         self._installing = 0  # ready compiles the engine's thread is installing now
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, bucket: Bucket, size: int) -> None:
+    def submit(self, bucket: Bucket, size: int, prefill: bool = False) -> None:
+        """Queue the step of batch class `size`, or (`prefill`) the prefill chunk of `size` tokens."""
         with self._wake:
-            self._queue.append((bucket, size))
+            self._queue.append((bucket, size, prefill))
             self._wake.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="lckv-side-compiler", daemon=True)
@@ -566,13 +587,14 @@ class SideCompiler:
             with self._wake:
                 while not self._queue:
                     self._wake.wait()
-                bucket, size = self._queue.pop(0)
+                bucket, size, prefill = self._queue.pop(0)
                 self._working += 1
             started = time.perf_counter()
+            compile_one = self._compile_prefill if prefill else self._compile
             with self.lock:  # on a passing thread: this one would keep an OpenMP team (cpu_threads.py)
-                function = in_passing_thread(self._compile, bucket, size)
+                function = in_passing_thread(compile_one, bucket, size)
             with self._wake:
-                self._ready.append((bucket, size, function, time.perf_counter() - started))
+                self._ready.append((bucket, size, prefill, function, time.perf_counter() - started))
                 self._working -= 1
 
     def _compile(self, bucket: Bucket, size: int) -> tuple[Callable, Callable | None] | str:
@@ -598,6 +620,23 @@ class SideCompiler:
         except Exception:  # the eager sampler keeps serving
             return function, None
 
+    def _compile_prefill(self, bucket: Bucket, size: int) -> Callable | str:
+        """The prefill chunk of `size` tokens for one row of the bucket's shape, compiled on a scratch
+        row (the error's text where that fails: the plain chunk keeps serving)."""
+        try:
+            sink, window = bucket.shape
+            scratch = bucket.model.new_cache(sink, window, batch_size=1)
+            function = compile_step(compile_options_for(size))  # products of `size` rows: cuBLAS's
+            tokens = torch.zeros(1, size, dtype=torch.long, device=scratch.device)
+            with torch.inference_mode():
+                for _ in range(2):
+                    function(bucket.model, tokens, scratch)
+            if scratch.device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as error:
+            return str(error) or type(error).__name__
+        return function
+
     def install_ready(self, counters: Counters) -> None:
         """On the engine thread: capture the compiled steps that are ready, if the compiler is idle."""
         if not self._ready or not self.lock.acquire(blocking=False):
@@ -606,10 +645,14 @@ class SideCompiler:
             with self._wake:
                 ready, self._ready = self._ready, []
                 self._installing = len(ready)
-            for bucket, size, function, seconds in ready:
+            for bucket, size, prefill, function, seconds in ready:
                 counters.compiles_finished += 1
                 counters.compile_seconds += seconds
-                if isinstance(function, str):
+                if prefill and isinstance(function, str):
+                    bucket.prefill_compile_failed(size, function)
+                elif prefill:
+                    bucket.install_compiled_prefill(size, function)
+                elif isinstance(function, str):
                     bucket.compile_failed(size, function)
                 else:
                     bucket.install_compiled(size, *function)

@@ -160,13 +160,24 @@ class GraphDecoder(EagerDecoder):
         graph.replay()
         return logits
 
-    def _capture_prefill(self, size: int) -> tuple:
+    def _capture_prefill(self, size: int, function: Callable = decode_step) -> tuple:
         cache = self.cache
         tokens = torch.zeros(cache.batch_size, size, dtype=torch.long, device=cache.device)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        graph, logits = capture(lambda: self.model(tokens, cache, logits_to_keep=1).logits[:, -1], cache,
-                                warmup=1, pool=self._pool)
+        graph, logits = capture(lambda: function(self.model, tokens, cache), cache, warmup=1, pool=self._pool)
         return tokens, graph, logits
+
+    @torch.inference_mode()
+    def install_prefill(self, size: int, function: Callable) -> None:
+        """Capture `function` (`decode_step` compiled for chunks of `size` tokens) in place of the
+        plain chunk of that size. Uncompiled, a chunk replays about as many kernels as the plain
+        step (some 1,200 for the default model: 6 ms for 16 tokens on an H200), each a launch gap;
+        compiled, a few hundred. Raises where the capture fails (the plain chunk stays)."""
+        if self._prefill_graphs is None:
+            raise RuntimeError("this decoder has no prefill graphs")
+        self._prefill_graphs[size] = self._capture_prefill(size, function)
+        if ", compiled prefill" not in self.name:
+            self.name += ", compiled prefill"
 
 
 def feed_step(model, decoder) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -287,6 +287,7 @@ class Engine:
         self._options = StepOptions(graphs=self.settings.graphs, compile=self.settings.compile,
                                     batch_prefill=self.device.type != "cuda",
                                     prefill_graphs=os.environ.get("LCKV_PREFILL_GRAPHS", "1") != "0",
+                                    compile_prefill=os.environ.get("LCKV_COMPILE_PREFILL", "1") != "0",
                                     whole_step=os.environ.get("LCKV_WHOLE_STEP_GRAPH", "0") == "1",
                                     compiled_classes=self.settings.compiled_classes,
                                     compile_options=CPU_COMPILE_OPTIONS if cpu_fast else None,
