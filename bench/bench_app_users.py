@@ -42,17 +42,24 @@ def user(client: Client, name: str, turns: int, max_new_tokens: int, out: dict,
     """One user's conversation: `turns` messages, each naming the user (to check for cross-talk)."""
     if start is not None:
         start.wait()
-    tokens = 0
+    tokens, timeline = 0, []
     for turn in range(turns):
+        began = time.perf_counter()
         sent = client.predict(message(name, turn), "", SINK, WINDOW, None,
                               api_name="/send")
         assert not sent[STATUS].startswith("⚠️"), sent[STATUS]
+        accepted = time.perf_counter()
         job = client.submit(max_new_tokens, 0.7, 0.9, api_name="/respond")
         job.result(timeout=600)
         final = job.outputs()[-1]
-        tokens += final[NUMBERS]["last_turn"]["new_tokens"]
+        last = final[NUMBERS]["last_turn"]
+        tokens += last["new_tokens"]
         chat = final[0]
-    out.update(tokens=tokens, chat=chat, ended=time.perf_counter(), numbers=final[NUMBERS])
+        # Where a turn's time went: the Send call, then the reply call (the server's own
+        # prefill, first token and decode times beside them).
+        timeline.append({"send_ms": (accepted - began) * 1e3, "reply_ms": (time.perf_counter() - accepted) * 1e3,
+                         **{key: last[key] for key in ("prompt_tokens", "prefill_ms", "ttft_ms", "decode_ms_per_token")}})
+    out.update(tokens=tokens, chat=chat, ended=time.perf_counter(), numbers=final[NUMBERS], timeline=timeline)
 
 
 def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict:
@@ -76,8 +83,11 @@ def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict
         others = [other for other in names if other != name and other in said]
         assert name in said and not others, f"{name}'s conversation holds {others}"
     tokens = sum(r["tokens"] for r in results)
+    turns_seen = [turn for r in results for turn in r["timeline"]]
+    phases = {key: statistics.median(turn[key] or 0.0 for turn in turns_seen) for key in turns_seen[0]}
     return {"users": users, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "steps": sorted({r["numbers"]["decoder"] for r in results})}
+            "steps": sorted({r["numbers"]["decoder"] for r in results}), "turn_medians": phases,
+            "timelines": [r["timeline"] for r in results]}
 
 
 def warm_up(url: str, timeout_s: float) -> float:
@@ -110,8 +120,9 @@ def main() -> None:
         for repeat in range(args.repeats):
             for users in [1, *args.users]:
                 rows.append(run(url, users, args.turns, args.max_new_tokens, f"{repeat}"))
-                print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s ({'; '.join(rows[-1]['steps'])})",
-                      flush=True)
+                phases = ", ".join(f"{key} {value:.0f}" for key, value in rows[-1]["turn_medians"].items())
+                print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s ({'; '.join(rows[-1]['steps'])}); "
+                      f"a turn's medians: {phases}", flush=True)
     alone = statistics.median(r["tokens_per_s"] for r in rows if r["users"] == 1)
     print(f"\nModel {args.model}; {args.turns} turns of {args.max_new_tokens} new tokens per user; "
           f"medians of {args.repeats} interleaved runs")
