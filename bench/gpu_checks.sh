@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks that fit one 10-minute call each on a lent H100 (no model files needed: random weights).
 #
-#   tests : every GPU test (kernel against a float64 reference, kernel steps against SDPA, graph and
-#           compiled step against eager, prefill graphs against eager prefill, the sampler graph against
-#           the eager sampler, two sessions at once against each alone); about 7 minutes
+#   tests : every GPU test but one (kernel against a float64 reference, kernel steps against SDPA, graph
+#           and compiled step against eager, prefill graphs against eager prefill, the sampler graph
+#           against the eager sampler, two sessions at once against each alone); about 7 minutes
+#   tests-compile : the one left, the side compiler's steps, sampler and prefill chunks; about 5 minutes
 #   speed : the sampler on the GPU, and time to first token with eager prefill (c) against prefill
 #           graphs (d), results under OUT (default bench/results/gpu_checks); about 3 minutes
 #   engine : the serving engine with compiled steps (classes 1, 8, 32, 64; compiled cold, about 5
@@ -27,7 +28,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 out=${OUT:-bench/results}/gpu_checks
 case "${1:-}" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py 2>&1 | grep -v Warning
+    # Two calls' worth: every test but the side compiler's here, that one (about 5 minutes) in tests-compile.
+    python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k "not compiles_on_the_side" 2>&1 | grep -v Warning
+    ;;
+  tests-compile)
+    python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k compiles_on_the_side 2>&1 | grep -v Warning
     ;;
   speed)
     mkdir -p "$out"
@@ -54,7 +59,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac

@@ -343,9 +343,11 @@ def test_rows_read_together_follow_each_row_read_alone():
         assert engine.held_indices(rows[i]) == held[i]
 
 
-def test_engine_compiles_on_the_side_and_installs_the_compiled_steps(monkeypatch):
+def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
     """At start the default bucket is captured with plain graphs and served at once; the compiled
-    steps replace them as they finish, with no compile or capture afterwards on the hot path."""
+    steps, sampler and prefill chunks (64, 16 and 4 tokens for a 252-slot window) replace them as
+    they finish, with no compile or capture afterwards on the hot path. A row then reads messages
+    as a row of a plain-graph engine does (pending logits within bfloat16 tolerance, the same slots)."""
     import threading
     import time
 
@@ -353,7 +355,6 @@ def test_engine_compiles_on_the_side_and_installs_the_compiled_steps(monkeypatch
     from lckv_stream.engine import Engine, EngineSettings
     from lckv_stream.sampling import SamplingSettings, width_of
 
-    monkeypatch.setenv("LCKV_COMPILE_PREFILL", "0")  # the next test compiles those
     model = smollm_shaped(default_layer_types())
     started = time.perf_counter()
     engine = Engine(model, EngineSettings(max_batch=2, graphs=True, compile=True, warm_shape=(4, 252)))
@@ -384,43 +385,21 @@ def test_engine_compiles_on_the_side_and_installs_the_compiled_steps(monkeypatch
     bucket = next(iter(engine._buckets.values()))
     width = width_of(SamplingSettings(), 49152)
     assert all((size, width) in bucket._compiled_samplers for size in bucket.classes)  # captured with the steps
-    print(f"compiled {engine.counters.compiles_finished} steps in {engine.counters.compile_seconds:.0f} s")
-
-
-def test_engine_compiles_the_prefill_chunks_on_the_side_and_reads_as_the_plain_chunks_do():
-    """The prefill chunks (64, 16 and 4 tokens for a 252-slot window) compiled on the side replace
-    the plain captured ones: a row then reads a message as a row of a plain-graph engine does (its
-    pending logits within bfloat16 tolerance, the same slots held), and more reads build nothing."""
-    import threading
-    import time
-
-    from lckv_stream.default_model import default_layer_types
-    from lckv_stream.engine import Engine, EngineSettings
-
-    model = smollm_shaped(default_layer_types())
-    plain = Engine(model, EngineSettings(max_batch=1, graphs=True, compile=False))
-    engine = Engine(model, EngineSettings(max_batch=1, graphs=True, compile=True, compiled_classes=(1,),
-                                          warm_shape=(4, 252)))
-    deadline = time.monotonic() + 400
-    while engine.stats().compiling and time.monotonic() < deadline:
-        engine._call(lambda: None)  # installing happens between iterations
-        time.sleep(0.5)
-    assert engine.stats().compiling == 0
-    bucket = next(iter(engine._buckets.values()))
-    name = bucket._prefill_decoder.name
-    assert "compiled prefill" in name and "failed" not in name, name
-    counters = (engine.counters.decoders_built, engine.counters.graphs_captured)
+    prefill_name = bucket._prefill_decoder.name
+    assert "compiled prefill" in prefill_name and "failed" not in prefill_name, prefill_name
+    plain = Engine(model, EngineSettings(max_batch=2, graphs=True, compile=False))
     g = torch.Generator().manual_seed(5)
     messages = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (100, 37, 5, 300)]
-    rows = [e.open_row(4, 252, seed=0) for e in (plain, engine)]
+    pair = [plain.open_row(4, 252, seed=0), engine.open_row(4, 252, seed=0)]
     for message in messages:  # 64+16+16+4, 16+16+4+1, 4+1, then a read past the window
         pending = []
-        for e, row in zip((plain, engine), rows):
-            list(e.prefill(row, message, 256, threading.Event()))
-            pending.append(e.snapshot(row, with_logits=True).logits.float())
+        for e, r in zip((plain, engine), pair):
+            list(e.prefill(r, message, 256, threading.Event()))
+            pending.append(e.snapshot(r, with_logits=True).logits.float())
         assert (pending[1] - pending[0]).abs().max() <= 2e-2 * pending[0].abs().max()
-        assert plain.held_indices(rows[0]) == engine.held_indices(rows[1])
+        assert plain.held_indices(pair[0]) == engine.held_indices(pair[1])
     assert (engine.counters.decoders_built, engine.counters.graphs_captured) == counters
+    print(f"compiled {engine.counters.compiles_finished} steps and chunks in {engine.counters.compile_seconds:.0f} s")
 
 
 @pytest.mark.parametrize("size", [1, 64])
