@@ -23,8 +23,8 @@ from .attention import choose_attention_backend
 from .cache import SinkWindowCache
 from .cpu_fast import CompiledCPUDecoder
 from .cpu_threads import in_passing_thread
-from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_options_for, compile_step,
-                       decode_step, feed_step)
+from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_chunk, compile_options_for,
+                       compile_step, decode_step, feed_step)
 from .fusion import fuse_projections
 from .sampling import RowSampling, SamplingSettings, sample_rows, seed_hash, width_of
 
@@ -190,10 +190,9 @@ class Bucket:
             if self.options.compiled_classes is None or size in self.options.compiled_classes:
                 self._compiler.submit(self, size)
                 self.counters.compiles_started += 1
-        if self.options.graphs and self.options.prefill_graphs and self.options.compile_prefill:  # then the chunks
-            for size in sorted(size for size in PREFILL_GRAPH_SIZES if size <= self.shape[1]):
-                self._compiler.submit(self, size, prefill=True)
-                self.counters.compiles_started += 1
+        if self.options.graphs and self.options.prefill_graphs and self.options.compile_prefill:
+            self._compiler.submit(self, 0, prefill=True)  # then the prefill chunks: one compile for all sizes
+            self.counters.compiles_started += 1
 
     # ---- rows ---------------------------------------------------------------------------------
     @property
@@ -280,16 +279,19 @@ class Bucket:
         for width in [key[1] for key in self._whole_steps if key[0] == size]:
             self._capture_whole_step(size, width)  # again, around the compiled step
 
-    def install_compiled_prefill(self, size: int, function: Callable) -> None:
-        """Capture the compiled prefill chunk of `size` tokens in place of the plain one (engine
-        thread); where that fails the plain chunk stays, and the prefill decoder's name says why."""
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                self._prefill_decoder.install_prefill(size, function)
-        except Exception as error:
-            self._prefill_decoder.name += f" (compiled {size}-token chunk failed: {str(error)[:80]})"
-            return
-        self.counters.graphs_captured += 1
+    def install_compiled_prefill(self, function: Callable) -> None:
+        """Capture the compiled prefill chunk of every size in place of the plain ones (engine
+        thread); where one fails its plain chunk stays, and the prefill decoder's name says why."""
+        for size in PREFILL_GRAPH_SIZES:
+            if size > self.cache.smallest_window():
+                continue
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    self._prefill_decoder.install_prefill(size, function)
+            except Exception as error:
+                self._prefill_decoder.name += f" (compiled {size}-token chunk failed: {str(error)[:80]})"
+                continue
+            self.counters.graphs_captured += 1
 
     def _install_sampler(self, size: int, sampler: Callable) -> None:
         """Use the compiled sampler for class `size` after one call on the rows' own buffers (a guard
@@ -316,9 +318,9 @@ class Bucket:
         return sampler(self.next_logits[:size], self._row_params(size), width, cache.token_ids[:size],
                        cache.token_index[:size] >= 0)
 
-    def prefill_compile_failed(self, size: int, reason: str) -> None:
-        """The plain prefill chunk of `size` tokens keeps serving; the prefill decoder's name says why."""
-        self._prefill_decoder.name += f" (compiling the {size}-token chunk failed: {reason[:80]})"
+    def prefill_compile_failed(self, reason: str) -> None:
+        """The plain prefill chunks keep serving; the prefill decoder's name says why."""
+        self._prefill_decoder.name += f" (compiling the prefill chunks failed: {reason[:80]})"
 
     def compile_failed(self, size: int, reason: str) -> None:
         """Class `size` keeps its plain graph (or eager step); its name says why."""
@@ -555,7 +557,7 @@ class SideCompiler:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._queue: list[tuple[Bucket, int, bool]] = []  # (bucket, batch class or chunk size, a prefill chunk)
+        self._queue: list[tuple[Bucket, int, bool]] = []  # (bucket, batch class, the prefill chunks instead)
         self._ready: list[tuple[Bucket, int, bool, object, float]] = []
         self._working = 0  # compiles under way (taken from the queue, not ready yet)
         self._installing = 0  # ready compiles the engine's thread is installing now
@@ -621,15 +623,17 @@ class SideCompiler:
             return function, None
 
     def _compile_prefill(self, bucket: Bucket, size: int) -> Callable | str:
-        """The prefill chunk of `size` tokens for one row of the bucket's shape, compiled on a scratch
-        row (the error's text where that fails: the plain chunk keeps serving)."""
+        """The prefill chunks for one row of the bucket's shape, compiled once for every chunk length
+        on a scratch row (`size` is unused); the error's text where that fails (the plain chunks keep
+        serving)."""
         try:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=1)
-            function = compile_step(compile_options_for(size))  # products of `size` rows: cuBLAS's
-            tokens = torch.zeros(1, size, dtype=torch.long, device=scratch.device)
+            function = compile_chunk()
             with torch.inference_mode():
-                for _ in range(2):
+                for length in (16, 4):  # the length is a symbol from the first call on: no recompile
+                    tokens = torch.zeros(1, length, dtype=torch.long, device=scratch.device)
+                    torch._dynamo.maybe_mark_dynamic(tokens, 1)
                     function(bucket.model, tokens, scratch)
             if scratch.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -649,9 +653,9 @@ class SideCompiler:
                 counters.compiles_finished += 1
                 counters.compile_seconds += seconds
                 if prefill and isinstance(function, str):
-                    bucket.prefill_compile_failed(size, function)
+                    bucket.prefill_compile_failed(function)
                 elif prefill:
-                    bucket.install_compiled_prefill(size, function)
+                    bucket.install_compiled_prefill(function)
                 elif isinstance(function, str):
                     bucket.compile_failed(size, function)
                 else:

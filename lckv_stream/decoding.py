@@ -48,6 +48,14 @@ def compile_step(options: dict | None = None) -> Callable:
                          options=COMPILE_OPTIONS if options is None else options)
 
 
+def compile_chunk() -> Callable:
+    """`decode_step` compiled for prefill chunks of any length (2 tokens or more: one compile serves
+    every chunk size, each then captured in its own graph; mark the first call's token length
+    dynamic with `torch._dynamo.maybe_mark_dynamic(token_ids, 1)`)."""
+    _allow_recompiles()
+    return torch.compile(decode_step, fullgraph=True, dynamic=None, options=BATCHED_COMPILE_OPTIONS)
+
+
 def _allow_recompiles() -> None:
     """One compiled version per (cache shape, batch size): far more than Dynamo's default limit of 8
     per function, whose overflow would silently fall back to the uncompiled step."""

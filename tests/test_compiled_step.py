@@ -71,3 +71,27 @@ def test_a_compiled_step_fed_by_a_larger_graph_keeps_its_guards():
         logits = feed_step(model, decoder)(drawn)
         expected = decode_step(model, drawn.view(-1, 1), reference)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_chunks_compiled_once_follow_the_eager_chunks_at_every_length():
+    """The side compiler's prefill compile (TorchInductor, the chunk length a symbol): one compiled
+    function serves every chunk size the engine captures, with no recompile, and gives the eager
+    chunk's logits and cache. (A map that reads from above iterates its prefill: its compile takes
+    minutes even for this tiny model, so the default model's kind of map is the one tested.)"""
+    from lckv_stream.buckets import Bucket, Counters, SideCompiler, StepOptions
+    from lckv_stream.decoding import PREFILL_GRAPH_SIZES, decode_step
+
+    model = tiny_model(cla_map(4, 2))
+    bucket = Bucket(model, 4, 256, rows=1, options=StepOptions(), counters=Counters())
+    compiled = SideCompiler()._compile_prefill(bucket, 0)
+    assert callable(compiled), compiled
+    eager_cache, compiled_cache = model.new_cache(4, 256), model.new_cache(4, 256)
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for size in [*PREFILL_GRAPH_SIZES, 16, 4, 64]:  # the last ones run past the window
+            ids = torch.randint(0, 300, (1, size))
+            with torch.compiler.set_stance("fail_on_recompile"):
+                got = compiled(model, ids, compiled_cache)
+            expected = decode_step(model, ids, eager_cache)
+            assert (got - expected).abs().max() < 1e-4, size
+            assert compiled_cache.held_indices(0) == eager_cache.held_indices(0)
