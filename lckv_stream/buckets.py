@@ -629,6 +629,7 @@ class SideCompiler:
         try:
             sink, window = bucket.shape
             scratch = bucket.model.new_cache(sink, window, batch_size=1)
+            scratch.attention_backend = bucket.cache.attention_backend  # as the spare row it will run on
             function = compile_chunk()
             with torch.inference_mode():
                 for length in (16, 4):  # the length is a symbol from the first call on: no recompile

@@ -324,7 +324,13 @@ class SinkWindowCache:
         """Append T tokens to every row for every producer: [producers, batch, kv_heads, T, dim];
         token_ids [batch, T]. `padding`: per row, how many of the T are left padding, not stored."""
         steps = token_ids.shape[1]
-        if padding is None and steps <= self.smallest_window(ring=bool(self.ring_layers)):
+        if torch.compiler.is_compiling():
+            # No guard on the rows' own sizes (a compiled chunk serves every row): the caller cuts
+            # chunks to fit each row's window, so only the buffers' own bounds are checked here.
+            fits = steps <= (min(self.window, self.ring_window) if self.ring_layers else self.window)
+        else:
+            fits = steps <= self.smallest_window(ring=bool(self.ring_layers))
+        if padding is None and fits:
             self._write_short_chunk(keys, raw_keys, values, token_ids)
             return
         padding = padding or [0] * self.batch_size

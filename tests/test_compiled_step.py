@@ -75,23 +75,28 @@ def test_a_compiled_step_fed_by_a_larger_graph_keeps_its_guards():
 
 def test_prefill_chunks_compiled_once_follow_the_eager_chunks_at_every_length():
     """The side compiler's prefill compile (TorchInductor, the chunk length a symbol): one compiled
-    function serves every chunk size the engine captures, with no recompile, and gives the eager
-    chunk's logits and cache. (A map that reads from above iterates its prefill: its compile takes
-    minutes even for this tiny model, so the default model's kind of map is the one tested.)"""
+    function serves every chunk size the engine captures, with no recompile, on the bucket's spare
+    row (where a GPU's captured chunks run) whatever that row's own size, and gives the eager chunk's
+    logits and cache. (A map that reads from above iterates its prefill: its compile takes minutes
+    even for this tiny model, so the default model's kind of map is the one tested.)"""
     from lckv_stream.buckets import Bucket, Counters, SideCompiler, StepOptions
     from lckv_stream.decoding import PREFILL_GRAPH_SIZES, decode_step
 
     model = tiny_model(cla_map(4, 2))
-    bucket = Bucket(model, 4, 256, rows=1, options=StepOptions(), counters=Counters())
-    compiled = SideCompiler()._compile_prefill(bucket, 0)
+    buckets = [Bucket(model, 4, 256, rows=2, options=StepOptions(), counters=Counters()) for _ in range(2)]
+    compiled = SideCompiler()._compile_prefill(buckets[0], 0)
     assert callable(compiled), compiled
-    eager_cache, compiled_cache = model.new_cache(4, 256), model.new_cache(4, 256)
+    for bucket in buckets:  # a row smaller than the bucket: the compile saw the bucket's own size
+        bucket.cache.set_row_size(bucket.spare, 4, 200)
+    compiled_row, eager_row = (bucket.cache.rows(bucket.spare, bucket.spare + 1) for bucket in buckets)
     torch.manual_seed(2)
     with torch.inference_mode():
-        for size in [*PREFILL_GRAPH_SIZES, 16, 4, 64]:  # the last ones run past the window
+        for size in [*PREFILL_GRAPH_SIZES, 16, 4, 64]:  # the last ones run past the row's window
+            if size > 200:
+                continue
             ids = torch.randint(0, 300, (1, size))
             with torch.compiler.set_stance("fail_on_recompile"):
-                got = compiled(model, ids, compiled_cache)
-            expected = decode_step(model, ids, eager_cache)
+                got = compiled(model, ids, compiled_row)
+            expected = decode_step(model, ids, eager_row)
             assert (got - expected).abs().max() < 1e-4, size
-            assert compiled_cache.held_indices(0) == eager_cache.held_indices(0)
+            assert compiled_row.held_indices(0) == eager_row.held_indices(0)
