@@ -283,7 +283,7 @@ class Bucket:
         """Capture the compiled prefill chunk of every size in place of the plain ones (engine
         thread); where one fails its plain chunk stays, and the prefill decoder's name says why."""
         for size in PREFILL_GRAPH_SIZES:
-            if size > self.cache.smallest_window():
+            if size > self.shape[1]:  # the sizes `_capture_graphs` captured
                 continue
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
@@ -565,7 +565,7 @@ class SideCompiler:
         self._thread: threading.Thread | None = None
 
     def submit(self, bucket: Bucket, size: int, prefill: bool = False) -> None:
-        """Queue the step of batch class `size`, or (`prefill`) the prefill chunk of `size` tokens."""
+        """Queue the step of batch class `size`, or (`prefill`) the prefill chunks (`size` unused)."""
         with self._wake:
             self._queue.append((bucket, size, prefill))
             self._wake.notify()
