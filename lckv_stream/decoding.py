@@ -177,8 +177,8 @@ class GraphDecoder(EagerDecoder):
 
     @torch.inference_mode()
     def install_prefill(self, size: int, function: Callable) -> None:
-        """Capture `function` (`decode_step` compiled for chunks of `size` tokens) in place of the
-        plain chunk of that size. Uncompiled, a chunk replays about as many kernels as the plain
+        """Capture `function` (`decode_step` compiled for chunks, `compile_chunk`) in place of the
+        plain chunk of `size` tokens. Uncompiled, a chunk replays about as many kernels as the plain
         step (some 1,200 for the default model: 6 ms for 16 tokens on an H200), each a launch gap;
         compiled, a few hundred. Raises where the capture fails (the plain chunk stays)."""
         if self._prefill_graphs is None:
