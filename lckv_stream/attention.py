@@ -130,7 +130,7 @@ class ForwardContext:
         if steps == 1:
             context.slot, context.ring_slot = cache.claim_next_slot(input_ids)
             return context
-        fixed = _capturing(input_ids) or torch.compiler.is_compiling()  # no host reads: every slot
+        fixed = torch.compiler.is_compiling() or _capturing(input_ids)  # no host reads: every slot
         if fixed:
             context.columns = (cache.capacity, cache.ring_capacity)
         else:
@@ -314,7 +314,7 @@ class ForwardContext:
 
 def _capturing(tensor: torch.Tensor) -> bool:
     """Whether this call is being captured in a CUDA graph (no host sync may happen)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()  # untraceable: test is_compiling first
 
 
 def choose_attention_backend(cache: SinkWindowCache) -> str:

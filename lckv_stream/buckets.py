@@ -526,7 +526,7 @@ class Bucket:
         for i, piece in enumerate(pieces):
             ids[i, longest - len(piece):] = torch.tensor(piece, dtype=torch.long)
             mask[i, longest - len(piece):] = 1
-        self.cache.active[start:stop] = True  # a one-token call writes through the decode path
+        self.cache.active[start:stop].fill_(True)  # a one-token call writes through the decode path
         view = self.cache.rows(start, stop)
         with torch.inference_mode():
             logits = self.model(ids.to(view.device), view, logits_to_keep=1, attention_mask=mask.to(view.device),
@@ -535,7 +535,7 @@ class Bucket:
 
     def prefill(self, index: int, token_ids: torch.Tensor) -> None:
         """Encode token_ids [1, T] into row `index`; its pending logits become the last token's."""
-        self.cache.active[index] = True  # a one-token chunk writes through the decode path
+        self.cache.active[index].fill_(True)  # fill_, not a host copy: a one-token chunk writes through the decode path
         if self._prefill_decoder is None:  # eager, on a view of the row (no decoder to build per row)
             with torch.inference_mode():
                 logits = self.model(token_ids, self.cache.rows(index, index + 1), logits_to_keep=1).logits[:, -1]
