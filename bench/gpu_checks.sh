@@ -20,8 +20,13 @@
 #   reads : what one row's read costs, plain graphs, then after compiling the steps and the prefill
 #           chunks cold (about 8 minutes); it fills the compile cache (/tmp/torchinductor_*), so
 #           `engine` or `soak` run next on the same warm machine compile in seconds
+#   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
+#           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
+#   serve : on the machine `first` warmed: 1,000 open conversations (resume), the steps' profile,
+#           engine start to first token with that warm cache, then 1-64 conversations against the raw
+#           step and once in mixed buckets (last: the new buckets compile on the side); about 5 minutes
 # The steps and the prefill chunks compile on the side (steps first): cold, `engine` and `soak`
-# wait about 8 minutes for both; run `reads` first on the machine, or set LCKV_COMPILE_PREFILL=0.
+# wait about 8 minutes for both; run `reads` (or `first`) first on the machine, or set LCKV_COMPILE_PREFILL=0.
 set -euo pipefail
 # The repository root on the path: the benchmarks import lckv_stream from the checkout.
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -50,6 +55,19 @@ case "${1:-}" in
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
       --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
+  first)
+    mkdir -p "$out"
+    ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py >"$out/tests_log.txt" 2>&1
+      echo "tests exit $?" >>"$out/tests_log.txt" ) &
+    timeout 570 python3 bench/read_cost.py --compile 2>&1 | tee "$out/reads_log.txt" || true
+    wait
+    tar -czf "$out/inductor.tar.gz" -C "$(python3 -c 'from lckv_stream.base_model import cache_dir; print(cache_dir())')" inductor || true
+    grep -v Warning "$out/tests_log.txt" | tail -60
+    ;;
+  serve)
+    python3 -m bench.bench_engine --model random --parts resume profile start concurrency --start-caches warm \
+      --compile-classes 1 8 32 64 --out "$out/engine_serve" 2>&1 | tee "$out/serve_log.txt"
+    ;;
   reads)
     python3 bench/read_cost.py
     python3 bench/read_cost.py --compile
@@ -59,7 +77,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac
