@@ -22,9 +22,9 @@
 #           `engine` or `soak` run next on the same warm machine compile in seconds
 #   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
 #           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
-#   serve : on the machine `first` warmed: 1,000 open conversations (resume), the steps' profile,
-#           engine start to first token with that warm cache, then 1-64 conversations against the raw
-#           step and once in mixed buckets (last: the new buckets compile on the side); about 5 minutes
+#   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
+#           (cut after SOAK_S seconds, default 300), then 1-64 conversations against the raw step and
+#           once in mixed buckets (last: their new buckets compile on the side); about 8 minutes
 # The steps and the prefill chunks compile on the side (steps first): cold, `engine` and `soak`
 # wait about 8 minutes for both; run `reads` (or `first`) first on the machine, or set LCKV_COMPILE_PREFILL=0.
 set -euo pipefail
@@ -65,8 +65,8 @@ case "${1:-}" in
     grep -v Warning "$out/tests_log.txt" | tail -60
     ;;
   serve)
-    python3 -m bench.bench_engine --model random --parts resume profile start concurrency --start-caches warm \
-      --compile-classes 1 8 32 64 --out "$out/engine_serve" 2>&1 | tee "$out/serve_log.txt"
+    python3 -m bench.bench_engine --model random --parts resume soak concurrency --turns 500 \
+      --soak-seconds "${SOAK_S:-300}" --compile-classes 1 8 32 64 --out "$out/engine_serve" 2>&1 | tee "$out/serve_log.txt"
     ;;
   reads)
     python3 bench/read_cost.py
