@@ -16,7 +16,8 @@
 #            unpacked into ~/.cache/lckv-stream/inductor): engine start to first token with that
 #            warm compile cache, then 64 conversations x 500 turns; about 8 minutes
 #   soak : 64 conversations x 500 turns alone, after compiling the four classes cold (about 4
-#          minutes); cut after SOAK_S seconds (default 300), reporting the turns every one finished
+#          minutes); cut after SOAK_S seconds (default 300), reporting the turns every one finished.
+#          CLASSES="64" compiles the one class 64 rows step in (a cold machine's one call)
 #   reads : what one row's read costs, plain graphs, then after compiling the steps and the prefill
 #           chunks cold (about 8 minutes); it fills the compile cache (/tmp/torchinductor_*), so
 #           `engine` or `soak` run next on the same warm machine compile in seconds
@@ -73,7 +74,7 @@ case "${1:-}" in
     python3 bench/read_cost.py --compile
     ;;
   soak)
-    python3 -m bench.bench_engine --model random --parts soak --compile-classes 1 8 32 64 --turns 500 \
+    python3 -m bench.bench_engine --model random --parts soak --compile-classes ${CLASSES:-1 8 32 64} --turns 500 \
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
