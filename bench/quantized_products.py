@@ -1,5 +1,7 @@
 """One quantized product of the default model's shapes alone, int8 against int4 on the VNNI kernels:
 time per call and the weight bytes read per second (the quantized weights with their scales).
+"int8" takes AMX for 4 rows or more where the CPU has it; "int8-vnni" is the same product with AMX
+off (both give the same floats), side by side.
 
 A decode step reads about 134 MB of int8 weights, which no core's L2 holds, so each call here reads
 a different copy of the weights, in turn, from enough copies to fill `--megabytes` (as the step
@@ -22,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv_stream import int4_kernel  # noqa: E402
+from lckv_stream import int4_kernel, int8_kernel  # noqa: E402
 from lckv_stream.quantize import QuantizedLinear  # noqa: E402
 
-FORMATS = {"int8": ("int8", 32), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64)}
+FORMATS = {"int8": ("int8", 32), "int8-vnni": ("int8", 32), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64)}
 
 
 def weight_bytes(layer: QuantizedLinear) -> int:
@@ -42,6 +44,7 @@ def measure(rows: int, columns: int, fmt: str, batch: int, calls: int, megabytes
                         for _ in range(min(copies, 64) - 1)]
     x = torch.randn(batch, columns)
     times = []
+    amx = int8_kernel.use_amx(fmt != "int8-vnni")
     with torch.inference_mode():
         for index in range(calls + len(layers)):
             layer = layers[index % len(layers)]
@@ -49,6 +52,9 @@ def measure(rows: int, columns: int, fmt: str, batch: int, calls: int, megabytes
             layer(x)
             if index >= len(layers):  # the first round warms up
                 times.append(time.perf_counter() - began)
+    int8_kernel.use_amx(True)
+    if fmt == "int8" and batch >= 4 and not amx:
+        print(f"(no AMX here: {fmt} at batch {batch} is VNNI)", flush=True)
     median = statistics.median(times)
     return median * 1e6, weight_bytes(first) / median / 1e9
 
@@ -56,8 +62,8 @@ def measure(rows: int, columns: int, fmt: str, batch: int, calls: int, megabytes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["3072x576", "1536x576", "576x1536", "49152x576"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--formats", nargs="+", default=["int8", "int8-vnni", "int4-g32"], choices=list(FORMATS))
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--megabytes", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=2)

@@ -9,6 +9,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -76,6 +79,94 @@ inline void group_tile(const uint8_t* q, const float* xs, const int8_t* w, const
 
 constexpr int TOKENS = 8;  // activation rows per tile: each weight load serves this many
 
+// ---- AMX (Sapphire Rapids and later): many activation rows at once ----------------------------------
+// With several rows VNNI is bound by its multiplies (each weight load feeds one instruction per row);
+// one AMX instruction multiplies up to 16 rows by 16 weight rows over a whole block of 64 inputs.
+// The packed weights are already in AMX's "B" layout: a block of 64 inputs of 16 weight rows is 16
+// lines of 64 bytes (4 inputs of 16 rows each), contiguous. Each block's int32 sums go through memory
+// to be scaled by the block's activation scale, in the same order as the VNNI path, so both paths give
+// the same floats: a row's result does not depend on which path or which rows beside it.
+constexpr int AMX_ROWS = 16;    // activation rows per tile
+constexpr int AMX_GROUPS = 2;   // weight row groups per activation tile load
+constexpr int64_t AMX_MIN_ROWS = 4;  // fewer rows: VNNI (measured: bench/RESULTS.md, int8 products)
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Tiles: 0 the activations, 1-2 the weights of two row groups, 3-4 their sums.
+__attribute__((target("amx-tile"))) void configure_tiles(int rows) {
+    TileConfig config;
+    config.colsb[0] = 64; config.rows[0] = rows;
+    for (int t = 1; t <= AMX_GROUPS; ++t) { config.colsb[t] = 64; config.rows[t] = 16; }
+    for (int t = 1 + AMX_GROUPS; t <= 2 * AMX_GROUPS; ++t) { config.colsb[t] = 64; config.rows[t] = rows; }
+    // GCC's ldtilecfg names 8 bytes of the config as its input: without this the other stores may go.
+    asm volatile("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+// Whether this CPU and kernel let the process use AMX; it asks Linux for the AMX state once, before
+// any thread uses it.
+bool amx_supported() {
+    static const bool supported = [] {
+        if (!__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-tile")) return false;
+        constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }();
+    return supported;
+}
+
+std::atomic<bool> amx_wanted{true};  // LCKV_INT8_AMX=0 or use_amx(false): VNNI for every shape
+
+bool amx_allowed() { return amx_wanted.load(std::memory_order_relaxed) && amx_supported(); }
+
+// Turns the AMX path on or off (when supported); returns whether it is on now.
+bool use_amx(bool on) {
+    amx_wanted = on;
+    return amx_allowed();
+}
+
+// Rows [m0, m0 + rows) against `count` (1 or 2) row groups from `group`; tiles configured for `rows`.
+// Each sum tile starts from the block's offsets (-128 x the weights' sums: one line loaded into
+// every row) and adds the block's products.
+__attribute__((target("amx-tile,amx-int8,avx512f")))
+void amx_tile(const uint8_t* q, const float* xs, const int8_t* w, const int32_t* sums, const float* ws,
+              float* y, int64_t k_total, int64_t n_padded, int64_t m0, int rows, int64_t group, int count) {
+    const int64_t blocks = k_total / BLOCK;
+    alignas(64) int32_t dots[AMX_GROUPS][AMX_ROWS][16];
+    __m512 acc[AMX_GROUPS][AMX_ROWS];
+    for (int g = 0; g < AMX_GROUPS; ++g)
+        for (int i = 0; i < AMX_ROWS; ++i) acc[g][i] = _mm512_setzero_ps();
+    const int8_t* weights = w + group * 16 * k_total;
+    const int32_t* offsets = sums + group * blocks * 16;
+    for (int64_t b = 0; b < blocks; ++b) {
+        _tile_loadd(0, q + m0 * k_total + b * BLOCK, k_total);
+        _tile_loadd(3, offsets + b * 16, 0);
+        _tile_loadd(1, weights + b * BLOCK * 16, 64);
+        _tile_dpbusd(3, 0, 1);
+        if (count == 2) {
+            _tile_loadd(4, offsets + (blocks + b) * 16, 0);
+            _tile_loadd(2, weights + (k_total + b * BLOCK) * 16, 64);
+            _tile_dpbusd(4, 0, 2);
+        }
+        _tile_stored(3, dots[0], 64);
+        if (count == 2) _tile_stored(4, dots[1], 64);
+        for (int g = 0; g < count; ++g)
+            for (int i = 0; i < rows; ++i)
+                acc[g][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(dots[g][i])),
+                                            _mm512_set1_ps(xs[(m0 + i) * blocks + b]), acc[g][i]);
+    }
+    for (int g = 0; g < count; ++g) {
+        const __m512 scale = _mm512_loadu_ps(ws + (group + g) * 16);
+        for (int i = 0; i < rows; ++i)
+            _mm512_storeu_ps(y + (m0 + i) * n_padded + (group + g) * 16, _mm512_mul_ps(acc[g][i], scale));
+    }
+}
+
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
 // x [M, K] (float32 or bfloat16), weight packed [N / 16, K / 4, 16, 4] int8 (N padded to 16),
 // scale [N padded] float32, block_sums [N / 16, K / 64, 16] int32: y [M, out_features] in x's dtype.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -105,6 +196,26 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     // only its own chunk, not half of the product.
     const int64_t chunk = std::max<int64_t>(1, groups / (8 * at::get_num_threads()));
     std::atomic<int64_t> next{0};
+    if (m_total >= AMX_MIN_ROWS && amx_allowed()) {
+        const int64_t pairs = (groups + AMX_GROUPS - 1) / AMX_GROUPS;
+        const int64_t pair_chunk = std::max<int64_t>(1, pairs / (8 * at::get_num_threads()));
+        at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+            int configured = 0;  // tile rows the config holds (per thread)
+            for (int64_t first = next.fetch_add(pair_chunk); first < pairs; first = next.fetch_add(pair_chunk))
+            for (int64_t pair = first; pair < std::min(first + pair_chunk, pairs); ++pair) {
+                const int64_t group = pair * AMX_GROUPS;
+                const int count = static_cast<int>(std::min<int64_t>(AMX_GROUPS, groups - group));
+                for (int64_t m0 = 0; m0 < m_total; m0 += AMX_ROWS) {
+                    const int rows = static_cast<int>(std::min<int64_t>(AMX_ROWS, m_total - m0));
+                    if (rows != configured) { configure_tiles(rows); configured = rows; }
+                    amx_tile(qp, xsp, wp, sp, wsp, yp, k_total, n_padded, m0, rows, group, count);
+                }
+            }
+            if (configured) release_tiles();
+        });
+        at::Tensor out = out_features == n_padded ? y : y.narrow(1, 0, out_features).contiguous();
+        return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    }
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
         for (int64_t first = next.fetch_add(chunk); first < groups; first = next.fetch_add(chunk))
         for (int64_t group = first; group < std::min(first + chunk, groups); ++group) {
@@ -130,6 +241,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 TORCH_LIBRARY(lckv, m) {
     m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor block_sums, int out_features) -> Tensor");
+    m.def("int8_use_amx(bool on) -> bool", &use_amx);
 }
 
 TORCH_LIBRARY_IMPL(lckv, CPU, m) { m.impl("int8_linear", &int8_linear); }

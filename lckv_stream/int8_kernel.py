@@ -12,6 +12,7 @@ the model cache folder) on CPUs that have AVX512-VNNI, and is absent elsewhere (
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -71,7 +72,16 @@ def _load() -> tuple[bool, str | None]:
     except Exception as error:  # no compiler or ninja (a slim container): torch's kernel serves
         return False, f"the kernel could not be built: {str(error)[:200]}"
     _register_fake()
+    if os.environ.get("LCKV_INT8_AMX", "1") == "0":
+        torch.ops.lckv.int8_use_amx(False)
     return True, None
+
+
+def use_amx(on: bool) -> bool:
+    """Whether products of several rows go through AMX (Sapphire Rapids and later) instead of VNNI:
+    asks for `on` and returns what holds now (False where the CPU or the OS has no AMX). Both paths
+    give the same floats; LCKV_INT8_AMX=0 starts with AMX off."""
+    return available() and bool(torch.ops.lckv.int8_use_amx(on))
 
 
 def _register_fake() -> None:

@@ -81,6 +81,31 @@ def test_vnni_takes_bfloat16_and_batched_rows_alike():
     torch.testing.assert_close(half.float(), layer(x.bfloat16().float()), rtol=0.01, atol=0.01)
 
 
+@needs_vnni
+@pytest.mark.parametrize("rows", [4, 8, 16, 21, 40])
+def test_amx_products_are_the_vnni_products_bit_for_bit(rows):
+    """Where the CPU has AMX, products of 4 rows or more go through it: the same integer sums per
+    block of 64, scaled in the same order, so the floats equal VNNI's (a row's tokens do not depend
+    on which batch it steps in). 208 weight rows: 13 groups of 16, an odd one at the end."""
+    if not int8_kernel.use_amx(True):
+        pytest.skip("no AMX on this CPU (or the OS does not allow it): VNNI serves every shape")
+    torch.manual_seed(rows)
+    weight = torch.randn(208, 320) * 0.05
+    layer = QuantizedLinear(weight, None, "int8", vnni=True)
+    x = torch.randn(rows, 320)
+    x[:, 70] *= 30
+    for inputs in (x, x.bfloat16()):
+        amx = layer(inputs)
+        try:
+            assert not int8_kernel.use_amx(False)
+            vnni = layer(inputs)
+        finally:
+            int8_kernel.use_amx(True)
+        assert torch.equal(amx, vnni)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])  # one row: VNNI
+    assert torch.equal(layer(x), alone)
+
+
 def test_vnni_is_not_used_for_inputs_it_cannot_take():
     layer = QuantizedLinear(torch.randn(64, 96), None, "int8", vnni=True)  # 96 is not a multiple of 64
     assert not layer.vnni
