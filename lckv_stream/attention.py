@@ -82,7 +82,8 @@ class ForwardContext:
     sink_query_sin: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     decode_kernel: bool = False  # one-token call through the Triton kernel
-    sink_cos: torch.Tensor | None = None  # decode kernel: RoPE of the sink keys' places [batch, sink, dim]
+    cpu_kernel: bool = False  # one-token call through the CPU kernel (`torch.ops.lckv.decode_attention`)
+    sink_cos: torch.Tensor | None = None  # either kernel: RoPE of the sink keys' places [batch, sink, dim]
     sink_sin: torch.Tensor | None = None
     # A chunk's cached key columns (full buffers, ring buffers): every slot, or (eager calls) only the
     # leading ones any row holds, so early in a conversation a chunk does not score empty slots.
@@ -121,9 +122,11 @@ class ForwardContext:
         if cache is None:
             return context
         context.shift = cache.shift(query_index)
-        if steps == 1 and cache.attention_backend == "triton":
-            # The kernel rotates the sink keys itself: the cache buffers are not rewritten every step.
-            context.decode_kernel = True
+        context.decode_kernel = steps == 1 and cache.attention_backend == "triton"
+        context.cpu_kernel = (steps == 1 and cache.attention_backend == "cpu"
+                              and int8_kernel.decode_attention_fits(groups, cache.keys[0].shape[-1]))
+        if context.decode_kernel or context.cpu_kernel:
+            # The kernels rotate the sink keys themselves: the cache buffers are not rewritten every step.
             context.sink_cos, context.sink_sin = context._sink_rope(context.shift[:, -1])
         else:
             context._refresh_sink_keys(context.shift[:, -1])
@@ -215,9 +218,11 @@ class ForwardContext:
             return _causal_attention(rotated, kv.keys, kv.values, no_diagonal)
         mask, has_key = self._mask(no_diagonal, sliding, self.cache is not None and self.cache.on_ring(source))
         folded = _fold_heads(rotated, self.groups)
-        if self.slot is not None and self.cache.attention_backend == "cpu" and int8_kernel.decode_attention_fits(folded):
+        if self.cpu_kernel:
             # One token per row: the row's folded query rows all see the same slots.
-            out = torch.ops.lckv.decode_attention(folded, kv.keys, kv.values, mask[:, 0, 0])
+            cache = self.cache
+            sinks = (cache.sink_keys[cache.row(source)], self.sink_cos, self.sink_sin) if cache.sink else ()
+            out = torch.ops.lckv.decode_attention(folded, kv.keys, kv.values, mask[:, 0, 0], *sinks)
             return _unfold_heads(out, self.groups)  # rows that see no key are zeros already
         # A cache kept in a more compact dtype than the activations (the CPU fast path) is read in theirs.
         keys, values = kv.keys.to(folded.dtype), kv.values.to(folded.dtype)

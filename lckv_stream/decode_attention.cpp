@@ -103,8 +103,8 @@ LCKV_INLINE void block_values(__m512 (*acc)[DV], const float* weights, int64_t s
 // do not wait on each other. Writes per query row its unnormalized output, then its max score and
 // its sum of exponentials: [ROWS][dim + 2].
 template <int ROWS, int DV, typename KV>
-void attend_split(const float* query, const KV* keys, const KV* values, const bool* visible, int64_t begin,
-                  int64_t end, float* partial) {
+void attend_split(const float* query, const KV* keys, const KV* head_keys, int64_t head, const KV* values,
+                  const bool* visible, int64_t begin, int64_t end, float* partial) {
     constexpr int64_t DIM = DV * LANES, BLOCKS = SPLIT / LANES;
     alignas(64) float scores[ROWS][SPLIT];
     __mmask16 seen[BLOCKS];
@@ -121,9 +121,10 @@ void attend_split(const float* query, const KV* keys, const KV* values, const bo
         const __mmask16 mask = seen[b] = _mm_test_epi8_mask(flags, flags);
         if (!mask) continue;  // empty slots or the window's far side: no bytes read
         for (int r = 0; r < ROWS; ++r) {
-            const __m512 s = mask == 0xFFFF ? block_scores<DV, true>(q[r], keys + j * DIM, mask)
+            const KV* k = j < head ? head_keys + j * DIM : keys + j * DIM;  // blocks of 16: never both
+            const __m512 s = mask == 0xFFFF ? block_scores<DV, true>(q[r], k, mask)
                                             : _mm512_mask_blend_ps(mask, _mm512_set1_ps(NEG_INF),
-                                                                   block_scores<DV, false>(q[r], keys + j * DIM, mask));
+                                                                   block_scores<DV, false>(q[r], k, mask));
             top[r] = _mm512_max_ps(top[r], s);
             _mm512_store_ps(scores[r] + b * LANES, s);
         }
@@ -176,12 +177,41 @@ void combine(const float* partial, int64_t splits, int64_t rows, int64_t dim, fl
     }
 }
 
-using SplitFn = void (*)(const float*, const void*, const void*, const bool*, int64_t, int64_t, float*);
+using SplitFn = void (*)(const float*, const void*, const void*, int64_t, const void*, const bool*, int64_t, int64_t,
+                         float*);
 
 template <int ROWS, int DV, typename KV>
-void split_entry(const float* q, const void* k, const void* v, const bool* visible, int64_t begin, int64_t end,
-                 float* partial) {
-    attend_split<ROWS, DV, KV>(q, static_cast<const KV*>(k), static_cast<const KV*>(v), visible, begin, end, partial);
+void split_entry(const float* q, const void* k, const void* head_keys, int64_t head, const void* v,
+                 const bool* visible, int64_t begin, int64_t end, float* partial) {
+    attend_split<ROWS, DV, KV>(q, static_cast<const KV*>(k), static_cast<const KV*>(head_keys), head,
+                               static_cast<const KV*>(v), visible, begin, end, partial);
+}
+
+// The first `head` slots' keys (whole blocks of 16) of every (row, KV head), with the sink slots'
+// keys rotated here from the raw sink keys [batch, kv_heads, sink, dim] at their place in the row's
+// cache frame (cos/sin [batch, sink, dim]): the cache's own sink slots are not rewritten every step.
+// Rounded to the keys' dtype as the cache would store them. Returns [batch, kv_heads, head, dim].
+at::Tensor rotated_head(const at::Tensor& keys, const at::Tensor& sink_keys, const at::Tensor& cos,
+                        const at::Tensor& sin, int64_t head) {
+    const int64_t sink = sink_keys.size(2), dim = keys.size(3), half = dim / 2;
+    at::Tensor out = keys.narrow(2, 0, head).contiguous();  // the rest of the first block as it is
+    const at::Tensor raw = sink_keys.to(at::kFloat).contiguous();
+    const at::Tensor c = cos.to(at::kFloat).contiguous(), si = sin.to(at::kFloat).contiguous();
+    at::Tensor rotated = at::empty({keys.size(0), keys.size(1), sink, dim}, raw.options());
+    const float *rp = raw.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = si.data_ptr<float>();
+    float* op = rotated.data_ptr<float>();
+    const int64_t heads = keys.size(1);
+    for (int64_t b = 0; b < keys.size(0); ++b)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int64_t s = 0; s < sink; ++s) {
+                const float* x = rp + ((b * heads + h) * sink + s) * dim;
+                const float *cs = cp + (b * sink + s) * dim, *sn = sp + (b * sink + s) * dim;
+                float* y = op + ((b * heads + h) * sink + s) * dim;
+                for (int64_t d = 0; d < dim; ++d)  // x cos + rotate_half(x) sin (the Llama convention)
+                    y[d] = x[d] * cs[d] + (d < half ? -x[d + half] : x[d - half]) * sn[d];
+            }
+    out.narrow(2, 0, sink).copy_(rotated);
+    return out;
 }
 
 template <typename KV>
@@ -202,8 +232,11 @@ SplitFn pick_for(int64_t rows, int64_t dv) {
 // values [batch, kv_heads, slots, dim] (float32 or bfloat16), visible [batch, slots] bool: which slots
 // the row's token sees. Returns softmax(q k^T / sqrt(dim)) v over the visible slots [batch, kv_heads,
 // rows, dim] in the query's dtype; zeros for a row that sees no slot. rows <= 4, dim in 16, 32, 64, 128.
+// With sink_keys [batch, kv_heads, sink, dim] (un-rotated) and sink_cos/sin [batch, sink, dim], the
+// first `sink` slots' keys are those, rotated here, instead of the cache's.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& visible) {
+                            const at::Tensor& visible, const std::optional<at::Tensor>& sink_keys,
+                            const std::optional<at::Tensor>& sink_cos, const std::optional<at::Tensor>& sink_sin) {
     TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: shapes");
     const int64_t batch = query.size(0), heads = query.size(1), rows = query.size(2), dim = query.size(3);
     const int64_t slots = keys.size(2);
@@ -220,12 +253,24 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
 
     const at::Tensor q = (query.to(at::kFloat) * (1.0 / std::sqrt(double(dim)))).contiguous();
     const at::Tensor k = keys.contiguous(), v = values.contiguous(), seen = visible.contiguous();
+    int64_t head = 0;  // slots whose keys come from `first` (the sinks, rotated here)
+    at::Tensor first = k;
+    if (sink_keys.has_value() && sink_keys->size(2) > 0) {
+        const int64_t sink = sink_keys->size(2);
+        TORCH_CHECK(sink_keys->dim() == 4 && sink_keys->size(0) == batch && sink_keys->size(1) == heads
+                    && sink_keys->size(3) == dim && sink <= slots && sink_cos.has_value() && sink_sin.has_value()
+                    && sink_cos->sizes() == at::IntArrayRef({batch, sink, dim}) && sink_sin->sizes() == sink_cos->sizes(),
+                    "decode_attention: sink_keys [batch, kv_heads, sink, dim] with cos/sin [batch, sink, dim]");
+        head = std::min<int64_t>(slots, (sink + LANES - 1) / LANES * LANES);
+        first = rotated_head(k, *sink_keys, *sink_cos, *sink_sin, head).to(k.scalar_type());
+    }
     const int64_t splits = std::max<int64_t>(1, (slots + SPLIT - 1) / SPLIT), pairs = batch * heads;
     at::Tensor partial = at::empty({pairs, splits, rows, dim + 2}, q.options());
     at::Tensor out = at::empty({batch, heads, rows, dim}, q.options());
     const float* qp = q.data_ptr<float>();
     const char* kp = static_cast<const char*>(k.data_ptr());
     const char* vp = static_cast<const char*>(v.data_ptr());
+    const char* hp = static_cast<const char*>(first.data_ptr());
     const bool* sp = seen.data_ptr<bool>();
     float *pp = partial.data_ptr<float>(), *op = out.data_ptr<float>();
     const int64_t element = k.element_size();
@@ -233,8 +278,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
         for (int64_t item = first; item < last; ++item) {
             const int64_t pair = item / splits, s = item % splits, b = pair / heads;
             const int64_t offset = pair * slots * dim * element;
-            split_fn(qp + pair * rows * dim, kp + offset, vp + offset, sp + b * slots, s * SPLIT,
-                     std::min(slots, (s + 1) * SPLIT), pp + item * rows * (dim + 2));
+            const int64_t head_offset = pair * (head ? head : slots) * dim * element;
+            split_fn(qp + pair * rows * dim, kp + offset, hp + head_offset, head, vp + offset, sp + b * slots,
+                     s * SPLIT, std::min(slots, (s + 1) * SPLIT), pp + item * rows * (dim + 2));
         }
     });
     at::parallel_for(0, pairs, 16, [&](int64_t first, int64_t last) {
@@ -247,7 +293,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lckv, m) {
-    m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor visible) -> Tensor");
+    m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor visible, Tensor? sink_keys=None, "
+          "Tensor? sink_cos=None, Tensor? sink_sin=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lckv, CPU, m) { m.impl("decode_attention", &decode_attention); }

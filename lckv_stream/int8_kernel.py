@@ -91,7 +91,7 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("lckv::decode_attention")
-    def _(query, keys, values, visible):
+    def _(query, keys, values, visible, sink_keys=None, sink_cos=None, sink_sin=None):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -131,9 +131,10 @@ DECODE_ATTENTION_ROWS = 4  # query heads per KV head, at most
 DECODE_ATTENTION_DIMS = (16, 32, 64, 128)  # head sizes compiled in
 
 
-def decode_attention_fits(query: torch.Tensor) -> bool:
-    """Whether `decode_attention` takes a folded one-token query [batch, kv_heads, rows, dim]."""
-    return query.shape[2] <= DECODE_ATTENTION_ROWS and query.shape[3] in DECODE_ATTENTION_DIMS
+def decode_attention_fits(rows: int, dim: int) -> bool:
+    """Whether `decode_attention` takes a folded one-token query [batch, kv_heads, rows, dim] (rows:
+    query heads per KV head)."""
+    return rows <= DECODE_ATTENTION_ROWS and dim in DECODE_ATTENTION_DIMS
 
 
 def fits(in_features: int) -> bool:

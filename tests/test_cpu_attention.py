@@ -73,6 +73,38 @@ def test_the_kernel_matches_a_plain_softmax_under_every_mask(dtype, batch, heads
         assert (got[blind] == 0).all(), name
 
 
+def rotate(x, cos, sin):
+    """The Llama RoPE of x [batch, heads, n, dim] by cos/sin [batch, n, dim], written out (float32, as
+    the cache computes the keys it stores)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x.float() * cos[:, None] + turned.float() * sin[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("sink, slots", [(16, 300), (4, 40), (20, 600), (16, 16)])
+def test_sink_keys_rotated_in_the_kernel_replace_the_caches_sink_slots(dtype, sink, slots):
+    """With raw sink keys and their cos/sin, the kernel scores the first `sink` slots against those
+    keys rotated (rounded to the cache's dtype as the cache stores keys), whatever the cache's own
+    sink slots hold; the other slots are the cache's."""
+    generator = torch.Generator().manual_seed(sink + slots)
+    batch, heads, rows, dim = 3, 3, 3, 64
+    query = torch.randn(batch, heads, rows, dim, generator=generator)
+    keys = (3 * torch.randn(batch, heads, slots, dim, generator=generator)).to(dtype)
+    values = torch.randn(batch, heads, slots, dim, generator=generator).to(dtype)
+    raw = (3 * torch.randn(batch, heads, sink, dim, generator=generator)).to(dtype)
+    angles = torch.rand(batch, sink, dim // 2, generator=generator) * 6.28
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    stale = keys.clone()
+    stale[:, :, :sink] = 1000.0  # what the cache's sink slots hold must not matter
+    expected_keys = keys.clone()
+    expected_keys[:, :, :sink] = rotate(raw.float(), cos, sin).to(dtype)
+    for name, visible in masks(batch, slots, generator).items():
+        got = torch.ops.lckv.decode_attention(query, stale, values, visible, raw, cos, sin)
+        want = reference(query, expected_keys.float(), values.float(), visible)
+        torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE, msg=name)
+
+
 def test_a_row_gets_the_same_bits_in_any_batch_and_with_any_threads():
     """The splits are fixed: a conversation's attention does not depend on who it is batched with."""
     generator = torch.Generator().manual_seed(3)
