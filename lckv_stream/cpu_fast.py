@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import int8_kernel
 from .cache import SinkWindowCache
 from .decoding import EagerDecoder
 from .quantize import QuantizationSettings, quantized_copy
@@ -79,9 +80,11 @@ def cpu_fast_model(model):
 
 
 def fast_path_name() -> str:
-    """How the panel names the fast path's steps, e.g. "CPU, int8 VNNI" (the dtype when not float32)."""
+    """How the panel names the fast path's steps, e.g. "CPU, int8 VNNI" (the dtype when not float32;
+    "+ AMX" where batched products go through AMX)."""
     dtype = "" if CPU_DTYPE == torch.float32 else f", {str(CPU_DTYPE).removeprefix('torch.')}"
-    return f"CPU, {CPU_QUANTIZATION.label}{dtype}"
+    amx = " + AMX" if CPU_QUANTIZATION.weights == "int8" and int8_kernel.amx_in_use() else ""
+    return f"CPU, {CPU_QUANTIZATION.label}{amx}{dtype}"
 
 
 class CompiledCPUDecoder(EagerDecoder):

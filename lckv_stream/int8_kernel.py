@@ -72,8 +72,7 @@ def _load() -> tuple[bool, str | None]:
     except Exception as error:  # no compiler or ninja (a slim container): torch's kernel serves
         return False, f"the kernel could not be built: {str(error)[:200]}"
     _register_fake()
-    if os.environ.get("LCKV_INT8_AMX", "1") == "0":
-        torch.ops.lckv.int8_use_amx(False)
+    _state["amx"] = bool(torch.ops.lckv.int8_use_amx(os.environ.get("LCKV_INT8_AMX", "1") != "0"))
     return True, None
 
 
@@ -81,7 +80,15 @@ def use_amx(on: bool) -> bool:
     """Whether products of several rows go through AMX (Sapphire Rapids and later) instead of VNNI:
     asks for `on` and returns what holds now (False where the CPU or the OS has no AMX). Both paths
     give the same floats; LCKV_INT8_AMX=0 starts with AMX off."""
-    return available() and bool(torch.ops.lckv.int8_use_amx(on))
+    if not available():
+        return False
+    _state["amx"] = bool(torch.ops.lckv.int8_use_amx(on))
+    return bool(_state["amx"])
+
+
+def amx_in_use() -> bool:
+    """Whether products of several rows go through AMX now (see `use_amx`)."""
+    return available() and bool(_state.get("amx"))
 
 
 def _register_fake() -> None:
