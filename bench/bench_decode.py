@@ -7,13 +7,15 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
   (d) ours, CUDA graph, same map
   (e) ours as the engine runs it on a GPU: fused q/k/v and gate/up weights, the step compiled
       (TorchInductor) then captured in a CUDA graph; (e*) the same with the LCKV 1+1 map (3 KV layers)
+  (f) ours, the step as fused Triton kernels (`fused_step.py`) captured in a CUDA graph: one
+      persistent kernel a step, or six kernels a layer; batch 1 and 8
 Ours use the engine's default cache (sink + window of `CacheSettings`) and, on CUDA, the Triton
 decode-attention kernel (LCKV_DECODE_KERNEL=0: the portable attention instead).
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained
 context, 8,192), KV cache MB, peak GPU MB, time to first token of a 100-token turn after 1k tokens
 (eager prefill for (a), for (b) into its StaticCache, and for (c); prefill chunks replayed as CUDA
 graphs for (d), as the engine encodes a turn).
-Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e).
+Then aggregate tokens/s at 1, 8, 32, 64 concurrent sequences for (b), (d) and (e), at 1 and 8 for (f).
 
     python bench/bench_decode.py --out bench/results/decode
 """
@@ -36,6 +38,7 @@ from lckv_stream.convert import convert_llama
 from lckv_stream.decoding import EagerDecoder, GraphDecoder
 from lckv_stream.default_model import default_layer_types
 from lckv_stream.chat import CacheSettings
+from lckv_stream.fused_step import FusedStep
 from lckv_stream.fusion import fuse_projections
 
 LENGTHS = [1024, 8192, 65536, 1 << 20]
@@ -140,12 +143,16 @@ def fill(model, cache, length: int, chunk: int = 4096) -> None:
 
 
 @torch.inference_mode()
-def ours(model, length: int, steps: int, graph: bool, batch: int = 1, compile: bool = False) -> dict:
+def ours(model, length: int, steps: int, graph: bool, batch: int = 1, compile: bool = False,
+         fused_mode: str | None = None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     cache = model.new_cache(SINK, WINDOW, batch_size=batch)
     fill(model, cache, length)
     began = time.perf_counter()
-    decoder = GraphDecoder(model, cache, compile=compile) if graph else EagerDecoder(model, cache)
+    if fused_mode is not None:
+        decoder = GraphDecoder(model, cache, step_function=FusedStep(model, cache, mode=fused_mode))
+    else:
+        decoder = GraphDecoder(model, cache, compile=compile) if graph else EagerDecoder(model, cache)
     setup_s = time.perf_counter() - began
     token = random_ids(batch, 1)
     ms = timed_ms(lambda: decoder.step(token), steps)
@@ -201,7 +208,8 @@ def fused(model):
 
 
 VARIANTS = ("a_hf_eager", "b_hf_static_graph", "c_ours_eager", "d_ours_graph", "e_ours_compiled_graph",
-            "e_ours_compiled_graph_lckv_w2")
+            "e_ours_compiled_graph_lckv_w2", "f_ours_fused_persistent", "f_ours_fused_layers")
+FUSED_BATCHES = (1, 8)  # the rows the fused step serves (fused_step.MAX_ROWS)
 BATCHES = (1, 8, 32, 64)
 
 
@@ -214,6 +222,8 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         "d_ours_graph": lambda: convert_llama(dense, default_layer_types()),
         "e_ours_compiled_graph": lambda: fused(convert_llama(dense, default_layer_types())),
         "e_ours_compiled_graph_lckv_w2": lambda: fused(convert_llama(dense, lckv_map(30, 1, 1))),
+        "f_ours_fused_persistent": lambda: fused(convert_llama(dense, default_layer_types())),
+        "f_ours_fused_layers": lambda: fused(convert_llama(dense, default_layer_types())),
     }.get(name, lambda: dense)().eval()
     measure = {
         "a_hf_eager": lambda n, b: hf_eager(model, n, 50),
@@ -222,6 +232,8 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         "d_ours_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b),
         "e_ours_compiled_graph": lambda n, b: ours(model, n, steps, graph=True, batch=b, compile=True),
         "e_ours_compiled_graph_lckv_w2": lambda n, b: ours(model, n, steps, graph=True, compile=True),
+        "f_ours_fused_persistent": lambda n, b: ours(model, n, steps, graph=True, batch=b, fused_mode="persistent"),
+        "f_ours_fused_layers": lambda n, b: ours(model, n, steps, graph=True, batch=b, fused_mode="layers"),
     }[name]
     result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "cache": {"sink": SINK, "window": WINDOW}, "latency": {},
@@ -241,9 +253,9 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
         result["ttft_ms"] = ttft_ours(model)
     if name == "d_ours_graph":
         result["ttft_ms"] = ttft_ours(model, prefill_graphs=True)
-    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph"):
+    if name in ("b_hf_static_graph", "d_ours_graph", "e_ours_compiled_graph") or name.startswith("f_"):
         result["batch"] = {}
-        for batch in batches:
+        for batch in (FUSED_BATCHES if name.startswith("f_") else batches):
             row = measure(1024, batch)
             row["tokens_per_s"] = batch * 1e3 / row["ms_per_token"]
             result["batch"][str(batch)] = row

@@ -21,6 +21,9 @@
 #   reads : what one row's read costs, plain graphs, then after compiling the steps and the prefill
 #           chunks cold (about 8 minutes); it fills the compile cache (/tmp/torchinductor_*), so
 #           `engine` or `soak` run next on the same warm machine compile in seconds
+#   fused : the fused decode step (issue: batch-1 decode near the hardware floor): its GPU tests, then
+#           bench_decode's compiled step (e) and the fused step (f, persistent and layers) in one run,
+#           1k to 1M tokens and batch 1 and 8, then the kernels per step of each; about 8 minutes
 #   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
 #           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
 #   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
@@ -56,6 +59,16 @@ case "${1:-}" in
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
       --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
+  fused)
+    mkdir -p "$out"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py -k fused 2>&1 | grep -v Warning | tee "$out/fused_tests_log.txt"
+    python3 bench/bench_decode.py --out "$out/fused_decode" --variants e_ours_compiled_graph f_ours_fused_persistent f_ours_fused_layers --batches 1 8 2>&1 | tee "$out/fused_decode_log.txt"
+    python3 bench/bench_decode.py --out "$out/fused_decode" --table
+    for mode in persistent layers; do
+      python3 bench/profile_step.py --fused-step $mode --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
+    done
+    python3 bench/profile_step.py --fuse --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
+    ;;
   first)
     mkdir -p "$out"
     ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py >"$out/tests_log.txt" 2>&1
@@ -78,7 +91,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh fused|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac

@@ -25,6 +25,7 @@ from .cpu_fast import CompiledCPUDecoder
 from .cpu_threads import in_passing_thread
 from .decoding import (EagerDecoder, GraphDecoder, PREFILL_GRAPH_SIZES, capture, compile_chunk, compile_options_for,
                        compile_step, decode_step, feed_step)
+from . import fused_step
 from .fusion import fuse_projections
 from .sampling import RowSampling, SamplingSettings, sample_rows, seed_hash, width_of
 
@@ -79,6 +80,10 @@ class StepOptions:
     # A whole step (sampler, model step, bookkeeping) in one graph; off until measured on a GPU.
     whole_step: bool = False
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
+    # The step of the classes it serves (up to fused_step.MAX_ROWS rows) as fused Triton kernels,
+    # "persistent" (one launch a step) or "layers" (six a layer), in place of the compiled step; None:
+    # off (not measured on a GPU yet).
+    fused_step: str | None = None
     compile_options: dict | None = None  # TorchInductor options (None: decoding.compile_options_for)
     name: str | None = None  # what the eager step is called (the CPU fast path: "CPU, int8")
 
@@ -187,6 +192,8 @@ class Bucket:
     def _submit_compiles(self) -> None:
         # Batch 1 first (one user must not wait), then the largest (the most users served).
         for size in sorted(self.classes, key=lambda size: (size != 1, -size)):
+            if self._compiled.get(size):  # served by the fused step
+                continue
             if self.options.compiled_classes is None or size in self.options.compiled_classes:
                 self._compiler.submit(self, size)
                 self.counters.compiles_started += 1
@@ -235,10 +242,19 @@ class Bucket:
         if size not in self._decoders:
             view = self.cache.rows(0, size)
             if self.graphs:
-                self._decoders[size] = self._build(lambda: GraphDecoder(self.model, view, step_function=decode_step))
+                function = self._fused_function(view) or decode_step
+                self._decoders[size] = self._build(lambda: GraphDecoder(self.model, view, step_function=function))
+                if function is not decode_step:
+                    self._compiled[size] = True  # the fused step: nothing to compile for this class
             else:
                 self._decoders[size] = self._build(lambda: self._eager(view))
         return self._decoders[size]
+
+    def _fused_function(self, view: SinkWindowCache):
+        """The fused step for these rows where it is wanted and serves them, else None."""
+        if self.options.fused_step is None or fused_step.fits(self.model, view) is not None:
+            return None
+        return fused_step.FusedStep(self.model, view, mode=self.options.fused_step)
 
     def step_class(self, rows: int) -> int:
         """The batch class that a step of `rows` rows runs: the smallest that holds them, unless its

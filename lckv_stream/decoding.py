@@ -112,9 +112,9 @@ class GraphDecoder(EagerDecoder):
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
         if step_function is None:
             step_function = compile_step(compile_options) if compile else decode_step
-        compiled = step_function is not decode_step
+        kind = getattr(step_function, "name", None) or ("compile" if step_function is not decode_step else None)
         self.step_function = step_function  # what the graph runs: a caller may capture it in a larger graph
-        self.name = ("cuda-graph + compile" if compiled else "cuda-graph") + (", prefill graphs" if prefill_graphs else "")
+        self.name = f"cuda-graph{f' + {kind}' if kind else ''}" + (", prefill graphs" if prefill_graphs else "")
         self._prefill_graphs: dict[int, tuple] | None = {} if prefill_graphs else None
         self._pool = None  # one memory pool for the prefill graphs: they never run at the same time
         self._tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)

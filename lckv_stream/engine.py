@@ -36,6 +36,7 @@ from .cache import CacheStats, SinkWindowCache, row_stats
 from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabled, cpu_fast_model, fast_path_name,
                        use_cpu_threads)
 from .cpu_threads import in_passing_thread
+from .fused_step import fused_step_mode
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -290,6 +291,7 @@ class Engine:
                                     compile_prefill=os.environ.get("LCKV_COMPILE_PREFILL", "1") != "0",
                                     whole_step=os.environ.get("LCKV_WHOLE_STEP_GRAPH", "0") == "1",
                                     compiled_classes=self.settings.compiled_classes,
+                                    fused_step=fused_step_mode(),
                                     compile_options=CPU_COMPILE_OPTIONS if cpu_fast else None,
                                     name=fast_path_name() if cpu_fast else None)
         self._compiler = SideCompiler() if self.settings.compile else None

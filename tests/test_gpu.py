@@ -430,3 +430,69 @@ def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     assert not errors, "\n".join(errors)
     assert [r for r, _ in together] == [r for r, _ in alone]
     assert all("failed" not in decoder for _, decoder in alone + together)
+
+
+@pytest.mark.parametrize("mode", ["persistent", "layers"])
+def test_fused_step_follows_the_eager_step_on_small_models(mode):
+    """The check the interpreted CPU test runs, on the real kernels in bfloat16: three layer maps,
+    rows of other sizes, rings that wrap, rows that do not step."""
+    from fused_reference import check_fused_step
+
+    for layer_types in ("cla", "lckv", "plain"):
+        worst = check_fused_step(layer_types, mode, [(4, 12), (2, 8), (4, 5)], steps=40, programs=None,
+                                 device="cuda", dtype=torch.bfloat16)
+        print(f"{layer_types} {mode}: worst logit gap {worst:.4f} of the scale")
+
+
+@pytest.mark.parametrize("mode", ["persistent", "layers"])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_fused_step_in_a_graph_follows_the_eager_step_for_300_steps(mode, rows):
+    """The default model's shape and map, random weights, bfloat16, the fused step captured in a CUDA
+    graph and fed the eager step's greedy tokens: logits within bfloat16 tolerance at every step, the
+    same argmax wherever the eager margin is clear, and the caches holding the same tokens."""
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.fused_step import FusedStep
+    from lckv_stream.fusion import fuse_projections
+
+    model = smollm_shaped(default_layer_types())
+    fuse_projections(model)
+    prompt = torch.randint(0, 49152, (rows, 40), device="cuda")
+    eager = EagerDecoder(model, model.new_cache(sink=4, window=252, batch_size=rows))
+    cache = model.new_cache(sink=4, window=252, batch_size=rows)  # wraps around the ring during the run
+    fused = GraphDecoder(model, cache, step_function=FusedStep(model, cache, mode=mode))
+    eager_logits = eager.prefill(prompt).float()
+    fused.prefill(prompt)
+    worst, decided, agreed = 0.0, 0, 0
+    for _ in range(300):
+        token = eager_logits.argmax(-1)
+        eager_logits = eager.step(token).float().clone()
+        fused_logits = fused.step(token).float().clone()
+        tolerance = 2e-2 * eager_logits.abs().amax(-1, keepdim=True)
+        worst = max(worst, float(((fused_logits - eager_logits).abs() / tolerance).max()))
+        top = eager_logits.topk(2).values
+        clear = top[:, 0] - top[:, 1] > 2 * tolerance[:, 0]
+        decided += int(clear.sum())
+        agreed += int((clear & (fused_logits.argmax(-1) == eager_logits.argmax(-1))).sum())
+    print(f"{mode}, {rows} rows: worst logit gap {worst:.3f} of the tolerance; argmax agreed on {agreed} of "
+          f"{decided} clear steps")
+    assert worst <= 1.0
+    assert agreed == decided
+    assert all(eager.cache.held_indices(row) == cache.held_indices(row) for row in range(rows))
+
+
+@pytest.mark.parametrize("mode", ["persistent", "layers"])
+def test_engine_serves_classes_up_to_8_rows_with_the_fused_step(monkeypatch, mode):
+    """LCKV_FUSED_STEP: the engine's steps of 1 to 8 rows run the fused step (nothing compiled for
+    them), larger classes keep theirs; conversations of two buckets reply through it."""
+    from lckv_stream.default_model import default_layer_types
+    from lckv_stream.engine import Engine, EngineSettings
+
+    monkeypatch.setenv("LCKV_FUSED_STEP", mode)
+    model = smollm_shaped(default_layer_types())
+    engine = Engine(model, EngineSettings(max_batch=16, graphs=True, compile=False))
+    replies = _engine_replies(engine, _conversations(49152)[:3])
+    assert all(len(reply) == 48 for conversation in replies for reply in conversation)
+    for bucket in engine._buckets.values():
+        for size in bucket.classes:
+            name = bucket.decoder_name(size)
+            assert (f"fused ({mode})" in name) == (size <= 8) and "failed" not in name, name

@@ -1,0 +1,71 @@
+"""The fused decode step (`fused_step.py`): whether it serves a model and cache (any machine), and
+its kernels run by Triton's interpreter on a CPU (float16: the interpreter has no bfloat16) against
+the eager step on the same tokens, where Triton is installed and there is no GPU (`pip install
+triton`); on a GPU, `test_gpu.py` runs the same check on the real kernels."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_support.tiny import tiny_model
+from lckv_stream import cla_map, fused_step
+from lckv_stream.fusion import fuse_projections
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_fits_names_what_keeps_the_fused_step_from_serving():
+    model = tiny_model(cla_map(4, 2), hidden_size=128, intermediate_size=256)
+    cache = model.new_cache(4, 12)
+    if not fused_step.AVAILABLE:
+        assert fused_step.fits(model, cache) == "Triton is not installed"
+        return
+    assert "16-bit" in fused_step.fits(model, cache)  # float32
+    half = model.to(torch.float16)
+    assert "not fused" in fused_step.fits(half, half.new_cache(4, 12))
+    fuse_projections(half)
+    assert fused_step.fits(half, half.new_cache(4, 12)) is None
+    assert "more than 8 rows" in fused_step.fits(half, half.new_cache(4, 12, batch_size=9))
+    ring = tiny_model("0_1s_1s_3", sliding_window=7, hidden_size=128, intermediate_size=256).to(torch.float16)
+    fuse_projections(ring)
+    assert "ring" in fused_step.fits(ring, ring.new_cache(4, 12))
+    odd = tiny_model(cla_map(4, 2), hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
+                     intermediate_size=256).to(torch.float16)  # head size 32, hidden 96
+    fuse_projections(odd)
+    assert "multiples of 64" in fused_step.fits(odd, odd.new_cache(4, 12))
+    with pytest.raises(ValueError, match="does not serve"):
+        fused_step.FusedStep(odd, odd.new_cache(4, 12))
+
+
+# (layer map, mode): each map in one of the two modes; 14 steps after a 7-token prompt wrap both
+# rows' rings (sink 4 + window 12, and a row of sink 2 + window 8 in the same buffer).
+CASES = [("cla", "persistent"), ("lckv", "layers"), ("plain", "persistent")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                    reason="needs Triton installed, and no GPU")
+@pytest.mark.parametrize("layer_types, mode", CASES, ids=lambda value: str(value))
+def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode):
+    code = ("from fused_reference import check_fused_step; "
+            f"print(check_fused_step({layer_types!r}, {mode!r}, [(4, 12), (2, 8)], steps=14))")
+    # The interpreter is chosen when Triton's functions are defined: a fresh process with it set.
+    path = os.pathsep.join(filter(None, [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
+    monkeypatch.delenv("LCKV_FUSED_STEP", raising=False)
+    assert fused_step.fused_step_mode() is None
+    for value, mode in (("persistent", "persistent"), ("Layers", "layers"), ("0", None), ("", None)):
+        monkeypatch.setenv("LCKV_FUSED_STEP", value)
+        assert fused_step.fused_step_mode() == mode
+    monkeypatch.setenv("LCKV_FUSED_STEP", "fast")
+    with pytest.raises(ValueError, match="LCKV_FUSED_STEP must be"):
+        fused_step.fused_step_mode()
