@@ -8,7 +8,7 @@ Variants, all bf16, batch 1 unless said, SmolLM2-135M architecture with random w
   (e) ours as the engine runs it on a GPU: fused q/k/v and gate/up weights, the step compiled
       (TorchInductor) then captured in a CUDA graph; (e*) the same with the LCKV 1+1 map (3 KV layers)
   (f) ours, the step as fused Triton kernels (`fused_step.py`) captured in a CUDA graph: one
-      persistent kernel a step, or six kernels a layer; batch 1 and 8
+      persistent kernel a step, or five kernels a layer; batch 1 and 8
 Ours use the engine's default cache (sink + window of `CacheSettings`) and, on CUDA, the Triton
 decode-attention kernel (LCKV_DECODE_KERNEL=0: the portable attention instead).
 For each: ms/token at conversation lengths 1k, 8k, 64k, 1M (dense variants stop past the trained

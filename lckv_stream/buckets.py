@@ -81,7 +81,7 @@ class StepOptions:
     whole_step: bool = False
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
     # The step of the classes it serves (up to fused_step.MAX_ROWS rows) as fused Triton kernels,
-    # "persistent" (one launch a step) or "layers" (six a layer), in place of the compiled step; None:
+    # "persistent" (one launch a step) or "layers" (five a layer), in place of the compiled step; None:
     # off (not measured on a GPU yet).
     fused_step: str | None = None
     compile_options: dict | None = None  # TorchInductor options (None: decoding.compile_options_for)

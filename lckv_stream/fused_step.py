@@ -3,18 +3,18 @@
 The compiled step replays about 360 kernels a token for the default model (30 layers), and on an
 H100 each costs about a microsecond of launch gap however little it does: the step is bound by the
 number of kernels, not by the 269 MB of weights it reads (0.08 ms at the memory's speed). Here a
-layer is six phases, each one kernel's worth of work spread over the GPU's programs:
+layer is five phases, each one kernel's worth of work spread over the GPU's programs:
 
   qkv      RMSNorm, the q/k/v product, RoPE of q and k, the new token's k/v into the cache
   attend   the query rows of each KV head against a block of cache slots (split-KV partials;
-           the sink keys rotated to their place in the row's cache frame as they are read)
-  combine  the blocks' partials of each query head into its attention output
+           the sink keys rotated to their place in the row's cache frame as they are read); the
+           last block of each row and KV head to finish combines them into the attention output
   out      the o product, added to the residual stream
   up       RMSNorm, the gate/up product, SiLU(gate) * up
   down     the down product, added to the residual stream
 
 then the final RMSNorm and the output head. `mode="layers"` launches each phase as its own kernel
-(six a layer, 181 a step); `mode="persistent"` runs the whole step as one kernel whose programs
+(five a layer, 151 a step); `mode="persistent"` runs the whole step as one kernel whose programs
 loop over the layers and wait for each other between phases (a grid barrier on a counter), so a
 step is one launch. The same phase functions serve both, and Triton's interpreter runs them on a
 CPU (a persistent kernel of one program needs no other program to wait for).
@@ -48,7 +48,6 @@ HALF_TILE = 16  # rows of each half of a head a qkv program computes (RoPE pairs
 ROW_TILE = 16  # output rows per program of the out / up / down products
 HEAD_TILE = 64  # vocabulary rows per program of the output head
 SLOTS = 64  # cache slots per attend program (at most 128 blocks of them: larger caches take more)
-PHASES = 6  # a layer's phases, each ended by a barrier in the persistent kernel
 
 
 def fused_step_mode() -> str | None:
@@ -206,12 +205,13 @@ if AVAILABLE:
         return x * cos + swapped * sign[None, :] * sin
 
     @triton.jit
-    def _phase_attend(pid, programs, layer, rows, qbuf, part_out, part_max, part_sum, token_index, query_index,
-                      sink_cos, sink_sin, info, key_table, value_table, sink_table, capacity, sink, window,
-                      sliding_window, scale, cache_b, cache_h, cache_s, blocks,
+    def _phase_attend(pid, programs, layer, rows, qbuf, part_out, part_max, part_sum, done, attended, token_index,
+                      query_index, sink_cos, sink_sin, info, key_table, value_table, sink_table, capacity, sink,
+                      window, sliding_window, scale, cache_b, cache_h, cache_s, blocks,
                       DTYPE: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                      SLOTS: tl.constexpr, GROUP: tl.constexpr):
-        """Each program: the GROUP query rows of one (row, KV head) against one block of SLOTS slots."""
+                      SLOTS: tl.constexpr, GROUP: tl.constexpr, BLOCKS: tl.constexpr):
+        """Each program: the query rows of one (row, KV head) against one block of SLOTS slots (padded
+        to GROUP rows for the matrix units); the last block of each (row, KV head) combines them all."""
         producer = tl.load(info + layer * 4 + 1)
         no_diagonal = tl.load(info + layer * 4 + 2)
         sliding = tl.load(info + layer * 4 + 3)
@@ -258,26 +258,33 @@ if AVAILABLE:
             tl.store(part_max + index, top, mask=keep)
             tl.store(part_sum + index, tl.sum(weights, axis=1), mask=keep)
             tl.store(part_out + index[:, None] * DIM + dims[None, :], out, mask=keep[:, None])
+            # The last block of this (row, KV head) to finish combines its query heads' partials:
+            # no pass over the whole grid for it. The count goes back to 0 for the next layer.
+            tl.debug_barrier()  # this program's partials are all stored
+            finished = tl.atomic_add(done + b * KV_HEADS + kv, 1, sem="acq_rel", scope="gpu")
+            if finished == blocks - 1:
+                for head in range(kv * groups, kv * groups + groups):
+                    _combine_head(b * HEADS + head, part_out, part_max, part_sum, attended, blocks, DIM, BLOCKS)
+                tl.atomic_xchg(done + b * KV_HEADS + kv, 0, sem="acq_rel", scope="gpu")
 
     @triton.jit
-    def _phase_combine(pid, programs, rows, part_out, part_max, part_sum, attended, blocks,
-                       HEADS: tl.constexpr, DIM: tl.constexpr, BLOCKS: tl.constexpr):
-        """Each program: one (row, query head): its blocks' partials into its attention output."""
+    def _combine_head(item, part_out, part_max, part_sum, attended, blocks, DIM: tl.constexpr,
+                      BLOCKS: tl.constexpr):
+        """The blocks' partials of one (row, query head) `item` into its attention output."""
         dims = tl.arange(0, DIM)
         lanes = tl.arange(0, BLOCKS)
         used = lanes < blocks
-        for item in range(pid, rows * HEADS, programs):
-            index = item * blocks + lanes
-            top_each = tl.load(part_max + index, mask=used, other=-1e30, cache_modifier=".cg")
-            total_each = tl.load(part_sum + index, mask=used, other=0.0, cache_modifier=".cg")
-            top = tl.max(top_each, axis=0)
-            weight = tl.exp(top_each - top)
-            total = tl.sum(total_each * weight, axis=0)
-            out = tl.load(part_out + index[:, None] * DIM + dims[None, :], mask=used[:, None], other=0.0,
-                          cache_modifier=".cg")
-            # a query row that saw no key gets zeros (every block's sum is 0)
-            out = tl.sum(out * weight[:, None], axis=0) / tl.maximum(total, 1e-30)
-            tl.store(attended + item * DIM + dims, out)
+        index = item * blocks + lanes
+        top_each = tl.load(part_max + index, mask=used, other=-1e30, cache_modifier=".cg")
+        total_each = tl.load(part_sum + index, mask=used, other=0.0, cache_modifier=".cg")
+        top = tl.max(top_each, axis=0)
+        weight = tl.exp(top_each - top)
+        total = tl.sum(total_each * weight, axis=0)
+        out = tl.load(part_out + index[:, None] * DIM + dims[None, :], mask=used[:, None], other=0.0,
+                      cache_modifier=".cg")
+        # a query row that saw no key gets zeros (every block's sum is 0)
+        out = tl.sum(out * weight[:, None], axis=0) / tl.maximum(total, 1e-30)
+        tl.store(attended + item * DIM + dims, out)
 
     @triton.jit
     def _phase_residual(pid, programs, layer, rows, hidden, inputs_ptr, table, slot_in_table,
@@ -343,7 +350,7 @@ if AVAILABLE:
         tl.debug_barrier()
 
     @triton.jit
-    def _persistent_step(counter, layers, rows, hidden, qbuf, part_out, part_max, part_sum, attended, act, logits,
+    def _persistent_step(counter, done, layers, rows, hidden, qbuf, part_out, part_max, part_sum, attended, act, logits,
                          cos, sin, sink_cos, sink_sin, slot, active, token_index, query_index, info, qkv_table,
                          norm_table, out_down_table, gate_up_table, key_table, value_table, sink_table, embed,
                          final_norm, eps, capacity, sink, window, sliding_window, scale, cache_b, cache_h, cache_s,
@@ -363,13 +370,10 @@ if AVAILABLE:
                        DTYPE, HIDDEN, HEADS, KV_HEADS, DIM, ROWS)
             ordinal += 1
             _barrier(counter, ordinal, programs)
-            _phase_attend(pid, programs, layer, rows, qbuf, part_out, part_max, part_sum, token_index,
-                          query_index, sink_cos, sink_sin, info, key_table, value_table, sink_table, capacity,
-                          sink, window, sliding_window, scale, cache_b, cache_h, cache_s, blocks,
-                          DTYPE, HEADS, KV_HEADS, DIM, SLOTS, GROUP)
-            ordinal += 1
-            _barrier(counter, ordinal, programs)
-            _phase_combine(pid, programs, rows, part_out, part_max, part_sum, attended, blocks, HEADS, DIM, BLOCKS)
+            _phase_attend(pid, programs, layer, rows, qbuf, part_out, part_max, part_sum, done, attended,
+                          token_index, query_index, sink_cos, sink_sin, info, key_table, value_table, sink_table,
+                          capacity, sink, window, sliding_window, scale, cache_b, cache_h, cache_s, blocks,
+                          DTYPE, HEADS, KV_HEADS, DIM, SLOTS, GROUP, BLOCKS)
             ordinal += 1
             _barrier(counter, ordinal, programs)
             _phase_residual(pid, programs, layer, rows, hidden, attended, out_down_table, 0,
@@ -397,21 +401,15 @@ if AVAILABLE:
                    DTYPE, HIDDEN, HEADS, KV_HEADS, DIM, ROWS)
 
     @triton.jit
-    def _attend_kernel(layer, rows, qbuf, part_out, part_max, part_sum, token_index, query_index, sink_cos,
-                       sink_sin, info, key_table, value_table, sink_table, capacity, sink, window, sliding_window,
-                       scale, cache_b, cache_h, cache_s, blocks,
+    def _attend_kernel(layer, rows, qbuf, part_out, part_max, part_sum, done, attended, token_index, query_index,
+                       sink_cos, sink_sin, info, key_table, value_table, sink_table, capacity, sink, window,
+                       sliding_window, scale, cache_b, cache_h, cache_s, blocks,
                        DTYPE: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                       SLOTS: tl.constexpr, GROUP: tl.constexpr):
-        _phase_attend(tl.program_id(0), tl.num_programs(0), layer, rows, qbuf, part_out, part_max, part_sum,
-                      token_index, query_index, sink_cos, sink_sin, info, key_table, value_table, sink_table,
-                      capacity, sink, window, sliding_window, scale, cache_b, cache_h, cache_s, blocks,
-                      DTYPE, HEADS, KV_HEADS, DIM, SLOTS, GROUP)
-
-    @triton.jit
-    def _combine_kernel(rows, part_out, part_max, part_sum, attended, blocks,
-                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCKS: tl.constexpr):
-        _phase_combine(tl.program_id(0), tl.num_programs(0), rows, part_out, part_max, part_sum, attended, blocks,
-                       HEADS, DIM, BLOCKS)
+                       SLOTS: tl.constexpr, GROUP: tl.constexpr, BLOCKS: tl.constexpr):
+        _phase_attend(tl.program_id(0), tl.num_programs(0), layer, rows, qbuf, part_out, part_max, part_sum, done,
+                      attended, token_index, query_index, sink_cos, sink_sin, info, key_table, value_table,
+                      sink_table, capacity, sink, window, sliding_window, scale, cache_b, cache_h, cache_s, blocks,
+                      DTYPE, HEADS, KV_HEADS, DIM, SLOTS, GROUP, BLOCKS)
 
     @triton.jit
     def _residual_kernel(layer, rows, hidden, inputs_ptr, table, slot_in_table,
@@ -461,7 +459,8 @@ class _Tables:
     part_sum: torch.Tensor
     attended: torch.Tensor
     act: torch.Tensor
-    counter: torch.Tensor
+    counter: torch.Tensor  # the persistent kernel's barrier
+    done: torch.Tensor  # [rows * kv_heads] int32: attend blocks finished (0 between layers)
     blocks: int
     slots: int
     keep: list  # the tensors whose addresses are in the tables, kept alive
@@ -472,7 +471,7 @@ class FusedStep:
     `step(model, token_ids [rows, 1], cache) -> logits [rows, vocab]` (what `GraphDecoder` captures).
 
     mode "persistent": one launch a step (`programs` programs, default the GPU's multiprocessors);
-    "layers": six launches a layer. The model's weights must not be replaced afterwards (their
+    "layers": five launches a layer. The model's weights must not be replaced afterwards (their
     addresses are read once); a new cache needs a new FusedStep."""
 
     def __init__(self, model, cache, mode: str = "persistent", programs: int | None = None) -> None:
@@ -524,6 +523,7 @@ class FusedStep:
             attended=torch.zeros(rows, heads * dim, **scratch),
             act=torch.zeros(rows, config.intermediate_size, **scratch),
             counter=torch.zeros(1, dtype=torch.int32, device=device),
+            done=torch.zeros(rows * config.num_key_value_heads, dtype=torch.int32, device=device),
             blocks=blocks, slots=slots, keep=weights + list(cache.keys) + list(cache.values) + list(cache.sink_keys),
         )
 
@@ -558,7 +558,7 @@ class FusedStep:
         if self.mode == "persistent":
             tables.counter.zero_()
             _persistent_step[(self.programs,)](
-                tables.counter, len(inner.layers), rows, tables.hidden, tables.qbuf, tables.part_out,
+                tables.counter, tables.done, len(inner.layers), rows, tables.hidden, tables.qbuf, tables.part_out,
                 tables.part_max, tables.part_sum, tables.attended, tables.act, logits, cos, sin, sink_cos, sink_sin,
                 slot, cache.active, cache.token_index, query_index, tables.info, tables.qkv, tables.norms,
                 tables.out_down, tables.gate_up, tables.keys, tables.values, tables.sinks, model.lm_head.weight,
@@ -574,13 +574,11 @@ class FusedStep:
                     tables.norms, tables.keys, tables.values, tables.sinks, eps, cache.sink, *strides,
                     HEADS=heads, KV_HEADS=kv_heads, DIM=dim, ROWS=rows_pow2, **common)
                 _attend_kernel[(rows * kv_heads * tables.blocks,)](
-                    layer, rows, tables.qbuf, tables.part_out, tables.part_max, tables.part_sum, cache.token_index,
-                    query_index, sink_cos, sink_sin, tables.info, tables.keys, tables.values, tables.sinks,
-                    *window_args, *strides, tables.blocks, DTYPE=common["DTYPE"], HEADS=heads, KV_HEADS=kv_heads,
-                    DIM=dim, SLOTS=tables.slots, GROUP=group)
-                _combine_kernel[(rows * heads,)](
-                    rows, tables.part_out, tables.part_max, tables.part_sum, tables.attended, tables.blocks,
-                    HEADS=heads, DIM=dim, BLOCKS=triton.next_power_of_2(tables.blocks))
+                    layer, rows, tables.qbuf, tables.part_out, tables.part_max, tables.part_sum, tables.done,
+                    tables.attended, cache.token_index, query_index, sink_cos, sink_sin, tables.info, tables.keys,
+                    tables.values, tables.sinks, *window_args, *strides, tables.blocks, DTYPE=common["DTYPE"],
+                    HEADS=heads, KV_HEADS=kv_heads, DIM=dim, SLOTS=tables.slots, GROUP=group,
+                    BLOCKS=triton.next_power_of_2(tables.blocks))
                 _residual_kernel[(config.hidden_size // ROW_TILE,)](
                     layer, rows, tables.hidden, tables.attended, tables.out_down, 0, INPUTS=heads * dim,
                     ROWS=rows_pow2, **common)
