@@ -21,9 +21,10 @@
 #   reads : what one row's read costs, plain graphs, then after compiling the steps and the prefill
 #           chunks cold (about 8 minutes); it fills the compile cache (/tmp/torchinductor_*), so
 #           `engine` or `soak` run next on the same warm machine compile in seconds
-#   fused : the fused decode step (issue: batch-1 decode near the hardware floor): its GPU tests, then
-#           bench_decode's compiled step (e) and the fused step (f, persistent and layers) in one run,
-#           1k to 1M tokens and batch 1 and 8, then the kernels per step of each; about 8 minutes
+#   fused-tests : the fused decode step's GPU tests (tests/test_gpu.py -k fused)
+#   fused-bench : bench_decode's compiled step (e) against the fused step (f, persistent and layers)
+#           in one run, 1k to 1M tokens and batch 1 and 8, then the kernels per step of the fused
+#           ones (profile_step.py); about 8 minutes
 #   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
 #           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
 #   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
@@ -38,7 +39,7 @@ out=${OUT:-bench/results}/gpu_checks
 case "${1:-}" in
   tests)
     # Two calls' worth: every test but the side compiler's here, that one (about 5 minutes) in tests-compile.
-    python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k "not compiles_on_the_side" 2>&1 | grep -v Warning
+    python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k "not compiles_on_the_side and not fused" 2>&1 | grep -v Warning
     ;;
   tests-compile)
     python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k compiles_on_the_side 2>&1 | grep -v Warning
@@ -59,15 +60,15 @@ case "${1:-}" in
     python3 -m bench.bench_engine --model random --parts start soak --start-caches warm \
       --compile-classes 1 8 32 64 --turns 500 --out "$out/engine_restart"
     ;;
-  fused)
+  fused-tests)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k fused 2>&1 | grep -v Warning
+    ;;
+  fused-bench)
     mkdir -p "$out"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py -k fused 2>&1 | grep -v Warning | tee "$out/fused_tests_log.txt"
     python3 bench/bench_decode.py --out "$out/fused_decode" --variants e_ours_compiled_graph f_ours_fused_persistent f_ours_fused_layers --batches 1 8 2>&1 | tee "$out/fused_decode_log.txt"
-    python3 bench/bench_decode.py --out "$out/fused_decode" --table
     for mode in persistent layers; do
-      python3 bench/profile_step.py --fused-step $mode --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
+      timeout 120 python3 bench/profile_step.py --fused-step $mode --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
     done
-    python3 bench/profile_step.py --fuse --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
     ;;
   first)
     mkdir -p "$out"
@@ -91,7 +92,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh fused|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac

@@ -3,20 +3,13 @@ its kernels run by Triton's interpreter on a CPU (float16: the interpreter has n
 the eager step on the same tokens, where Triton is installed and there is no GPU (`pip install
 triton`); on a GPU, `test_gpu.py` runs the same check on the real kernels."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from app_support.tiny import tiny_model
+from interpreted import needs_interpreter, run_interpreted
 from lckv_stream import cla_map, fused_step
 from lckv_stream.fusion import fuse_projections
-
-TESTS = Path(__file__).resolve().parent
 
 
 def test_fits_names_what_keeps_the_fused_step_from_serving():
@@ -47,17 +40,11 @@ def test_fits_names_what_keeps_the_fused_step_from_serving():
 CASES = [("cla", "persistent"), ("lckv", "layers"), ("plain", "persistent")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
-                    reason="needs Triton installed, and no GPU")
+@needs_interpreter
 @pytest.mark.parametrize("layer_types, mode", CASES, ids=lambda value: str(value))
 def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode):
-    code = ("from fused_reference import check_fused_step; "
-            f"print(check_fused_step({layer_types!r}, {mode!r}, [(4, 12), (2, 8)], steps=14))")
-    # The interpreter is chosen when Triton's functions are defined: a fresh process with it set.
-    path = os.pathsep.join(filter(None, [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_interpreted("from fused_reference import check_fused_step; "
+                    f"check_fused_step({layer_types!r}, {mode!r}, [(4, 12), (2, 8)], steps=14)")
 
 
 def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
