@@ -133,6 +133,44 @@ if AVAILABLE:
         return acc
 
     @triton.jit
+    def _phase_prologue(pid, programs, rows, tokens, embed, hidden, seen, query_index, cos, sin, sink_cos, sink_sin,
+                        slot, active, token_index, token_ids, row_sink, row_window, inv_freq, scaling, sink, capacity,
+                        DTYPE: tl.constexpr, HIDDEN: tl.constexpr, DIM: tl.constexpr, SINKS: tl.constexpr):
+        """Each program: one row's bookkeeping, as the eager step does it with a dozen small ops: its
+        stream index and new slot (sinks first, then a ring of its own window), the slot claimed in
+        `token_index`/`token_ids` where the row steps, RoPE tables at its index and at its sinks'
+        places in its cache frame (angles in float64, as `attention.Rope`), its token's embedding
+        into the float32 stream, and its count of tokens seen moved on."""
+        dims = tl.arange(0, DIM)
+        inputs = tl.arange(0, CHUNK_C)
+        frequency = tl.load(inv_freq + dims % (DIM // 2)).to(tl.float64)
+        for b in range(pid, rows, programs):
+            t = tl.load(seen + b)
+            on = tl.load(active + b) != 0
+            row_sinks = tl.load(row_sink + b)
+            window = tl.load(row_window + b)
+            where = tl.where(t < row_sinks, t, sink + tl.maximum(t - row_sinks, 0) % window)
+            shift = tl.maximum(t + 1 - row_sinks - window, 0)
+            tl.store(query_index + b, t)
+            tl.store(slot + b, where)
+            angle = t.to(tl.float64) * frequency
+            tl.store(cos + b * DIM + dims, (tl.cos(angle) * scaling).to(DTYPE))
+            tl.store(sin + b * DIM + dims, (tl.sin(angle) * scaling).to(DTYPE))
+            if sink > 0:
+                places = tl.arange(0, SINKS)
+                angle = (places + shift).to(tl.float64)[:, None] * frequency[None, :]
+                at = b * sink * DIM + places[:, None] * DIM + dims[None, :]
+                tl.store(sink_cos + at, (tl.cos(angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
+                tl.store(sink_sin + at, (tl.sin(angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
+            token = tl.load(tokens + b)
+            tl.store(token_index + b * capacity + where, t, mask=on)
+            tl.store(token_ids + b * capacity + where, token, mask=on)
+            tl.store(seen + b, t + on.to(t.dtype))
+            for start in range(0, HIDDEN, CHUNK_C):
+                vector = tl.load(embed + token * HIDDEN + start + inputs).to(tl.float32)
+                tl.store(hidden + b * HIDDEN + start + inputs, vector)
+
+    @triton.jit
     def _phase_qkv(pid, programs, layer, rows, hidden, qbuf, cos, sin, slot, active, info, qkv_table, norm_table,
                    key_table, value_table, sink_table, eps, sink, cache_b, cache_h, cache_s,
                    DTYPE: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -159,10 +197,14 @@ if AVAILABLE:
             b = b.to(DTYPE).to(tl.float32)
             if head < HEADS + KV_HEADS:  # q and k rotate: x cos + rotate_half(x) sin
                 at = batch[:, None] * DIM
-                c_low = tl.load(cos + at + low[None, :], mask=in_rows[:, None], other=0.0).to(tl.float32)
-                s_low = tl.load(sin + at + low[None, :], mask=in_rows[:, None], other=0.0).to(tl.float32)
-                c_high = tl.load(cos + at + high[None, :], mask=in_rows[:, None], other=0.0).to(tl.float32)
-                s_high = tl.load(sin + at + high[None, :], mask=in_rows[:, None], other=0.0).to(tl.float32)
+                c_low = tl.load(cos + at + low[None, :], mask=in_rows[:, None], other=0.0,
+                                cache_modifier=".cg").to(tl.float32)
+                s_low = tl.load(sin + at + low[None, :], mask=in_rows[:, None], other=0.0,
+                                cache_modifier=".cg").to(tl.float32)
+                c_high = tl.load(cos + at + high[None, :], mask=in_rows[:, None], other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+                s_high = tl.load(sin + at + high[None, :], mask=in_rows[:, None], other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
                 ra = a * c_low - b * s_low
                 rb = b * c_high + a * s_high
             else:
@@ -174,7 +216,7 @@ if AVAILABLE:
                 tl.store(qbuf + at + high[None, :], rb, mask=in_rows[:, None])
             else:
                 # the new token's slot in each row that steps (the others keep their cache as it is)
-                where = tl.load(slot + batch, mask=in_rows, other=0)
+                where = tl.load(slot + batch, mask=in_rows, other=0, cache_modifier=".cg")
                 write = in_rows & (tl.load(active + batch, mask=in_rows, other=0) != 0)
                 if head < HEADS + KV_HEADS:
                     kv = head - HEADS
@@ -234,16 +276,16 @@ if AVAILABLE:
                 # sinks are kept raw: rotated to s + shift, their place in this row's cache frame
                 in_sink = (slots < sink)[:, None]
                 frame = b * sink * DIM + slots[:, None] * DIM + dims[None, :]
-                c = tl.load(sink_cos + frame, mask=in_sink, other=0.0).to(tl.float32)
-                s = tl.load(sink_sin + frame, mask=in_sink, other=0.0).to(tl.float32)
+                c = tl.load(sink_cos + frame, mask=in_sink, other=0.0, cache_modifier=".cg").to(tl.float32)
+                s = tl.load(sink_sin + frame, mask=in_sink, other=0.0, cache_modifier=".cg").to(tl.float32)
                 raw_at = b * (KV_HEADS * sink * DIM) + kv * (sink * DIM) + slots[:, None] * DIM
                 # rounded to the cache's dtype, as the eager step stores rotated sink keys
                 k += _rotated_sinks(sinks_ptr, raw_at, dims, c, s, in_sink, DIM).to(DTYPE).to(tl.float32)
             v = tl.load(values_ptr + at, mask=in_cache[:, None], other=0.0, cache_modifier=".cg")
             q = tl.load(qbuf + b * (HEADS * DIM) + (kv * groups + lanes)[:, None] * DIM + dims[None, :],
                         mask=(lanes < groups)[:, None], other=0.0, cache_modifier=".cg")
-            t = tl.load(query_index + b)
-            key = tl.load(token_index + b * capacity + slots, mask=in_cache, other=-1)
+            t = tl.load(query_index + b, cache_modifier=".cg")
+            key = tl.load(token_index + b * capacity + slots, mask=in_cache, other=-1, cache_modifier=".cg")
             visible = (key >= 0) & ((key < t) | ((key == t) & (no_diagonal == 0)))
             visible = visible & ((key < sink) | (key > t - window))
             visible = visible & ((sliding == 0) | (key > t - sliding_window))
@@ -350,20 +392,25 @@ if AVAILABLE:
         tl.debug_barrier()
 
     @triton.jit
-    def _persistent_step(counter, done, layers, rows, hidden, qbuf, part_out, part_max, part_sum, attended, act, logits,
+    def _persistent_step(counter, done, layers, rows, tokens, embed, seen, row_sink, row_window, token_ids,
+                         inv_freq, rope_scaling, hidden, qbuf, part_out, part_max, part_sum, attended, act, logits,
                          cos, sin, sink_cos, sink_sin, slot, active, token_index, query_index, info, qkv_table,
-                         norm_table, out_down_table, gate_up_table, key_table, value_table, sink_table, embed,
+                         norm_table, out_down_table, gate_up_table, key_table, value_table, sink_table, head,
                          final_norm, eps, capacity, sink, window, sliding_window, scale, cache_b, cache_h, cache_s,
                          blocks, vocab,
                          DTYPE: tl.constexpr, HIDDEN: tl.constexpr, INNER: tl.constexpr, HEADS: tl.constexpr,
                          KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr,
-                         GROUP: tl.constexpr, BLOCKS: tl.constexpr):
-        """The whole step in one launch: every program takes its share of each phase of each layer,
-        and all wait for each other between phases. Needs every program resident at once (a grid no
-        larger than the GPU's multiprocessors)."""
+                         GROUP: tl.constexpr, BLOCKS: tl.constexpr, SINKS: tl.constexpr):
+        """The whole step in one launch: every program takes its share of the rows' bookkeeping, then
+        of each phase of each layer, and all wait for each other between phases. Needs every program
+        resident at once (a grid no larger than the GPU's multiprocessors)."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
-        ordinal = 0
+        _phase_prologue(pid, programs, rows, tokens, embed, hidden, seen, query_index, cos, sin, sink_cos, sink_sin,
+                        slot, active, token_index, token_ids, row_sink, row_window, inv_freq, rope_scaling, sink,
+                        capacity, DTYPE, HIDDEN, DIM, SINKS)
+        ordinal = 1
+        _barrier(counter, ordinal, programs)
         for layer in range(layers):
             _phase_qkv(pid, programs, layer, rows, hidden, qbuf, cos, sin, slot, active, info, qkv_table,
                        norm_table, key_table, value_table, sink_table, eps, sink, cache_b, cache_h, cache_s,
@@ -387,9 +434,17 @@ if AVAILABLE:
             _phase_residual(pid, programs, layer, rows, hidden, act, out_down_table, 1, DTYPE, HIDDEN, INNER, ROWS)
             ordinal += 1
             _barrier(counter, ordinal, programs)
-        _phase_head(pid, programs, rows, hidden, logits, embed, final_norm, eps, vocab, HIDDEN, ROWS)
+        _phase_head(pid, programs, rows, hidden, logits, head, final_norm, eps, vocab, HIDDEN, ROWS)
 
     # The same phases as kernels of their own (mode "layers"): a grid of as many programs as items.
+
+    @triton.jit
+    def _prologue_kernel(rows, tokens, embed, hidden, seen, query_index, cos, sin, sink_cos, sink_sin, slot, active,
+                         token_index, token_ids, row_sink, row_window, inv_freq, rope_scaling, sink, capacity,
+                         DTYPE: tl.constexpr, HIDDEN: tl.constexpr, DIM: tl.constexpr, SINKS: tl.constexpr):
+        _phase_prologue(tl.program_id(0), tl.num_programs(0), rows, tokens, embed, hidden, seen, query_index, cos, sin,
+                        sink_cos, sink_sin, slot, active, token_index, token_ids, row_sink, row_window, inv_freq,
+                        rope_scaling, sink, capacity, DTYPE, HIDDEN, DIM, SINKS)
 
     @triton.jit
     def _qkv_kernel(layer, rows, hidden, qbuf, cos, sin, slot, active, info, qkv_table, norm_table, key_table,
@@ -459,6 +514,12 @@ class _Tables:
     part_sum: torch.Tensor
     attended: torch.Tensor
     act: torch.Tensor
+    query_index: torch.Tensor  # [rows] the new token's stream index (the prologue's)
+    slot: torch.Tensor  # [rows] its slot
+    cos: torch.Tensor  # [rows, dim] RoPE at its index, in the model's dtype
+    sin: torch.Tensor
+    sink_cos: torch.Tensor  # [rows, sink, dim] RoPE of the sinks' places in each row's cache frame
+    sink_sin: torch.Tensor
     counter: torch.Tensor  # the persistent kernel's barrier
     done: torch.Tensor  # [rows * kv_heads] int32: attend blocks finished (0 between layers)
     blocks: int
@@ -522,6 +583,12 @@ class FusedStep:
             part_sum=torch.zeros(rows * heads * blocks, **scratch),
             attended=torch.zeros(rows, heads * dim, **scratch),
             act=torch.zeros(rows, config.intermediate_size, **scratch),
+            query_index=torch.zeros(rows, dtype=torch.long, device=device),
+            slot=torch.zeros(rows, dtype=torch.long, device=device),
+            cos=torch.zeros(rows, dim, dtype=cache.dtype, device=device),
+            sin=torch.zeros(rows, dim, dtype=cache.dtype, device=device),
+            sink_cos=torch.zeros(rows, max(cache.sink, 1), dim, dtype=cache.dtype, device=device),
+            sink_sin=torch.zeros(rows, max(cache.sink, 1), dim, dtype=cache.dtype, device=device),
             counter=torch.zeros(1, dtype=torch.int32, device=device),
             done=torch.zeros(rows * config.num_key_value_heads, dtype=torch.int32, device=device),
             blocks=blocks, slots=slots, keep=weights + list(cache.keys) + list(cache.values) + list(cache.sink_keys),
@@ -530,23 +597,16 @@ class FusedStep:
     def __call__(self, model, token_ids: torch.Tensor, cache) -> torch.Tensor:
         if model is not self.model or cache is not self.cache:
             raise ValueError("a FusedStep serves the model and cache it was built for")
-        from .attention import Rope  # the same RoPE tables as the eager step
-
         tables, config = self._tables, model.config
         inner = model.model
         rows = cache.batch_size
         dtype = cache.dtype
-        rope = Rope(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling)
-        query_index = cache.seen.clone()
-        cos, sin = rope(query_index, dtype)  # [rows, dim]
-        if cache.sink:
-            shift = cache.shift(query_index.view(-1, 1))[:, 0]
-            sink_cos, sink_sin = rope(torch.arange(cache.sink, device=cache.device) + shift.view(-1, 1), dtype)
-        else:
-            sink_cos = sink_sin = cos  # not read
-        slot, _ = cache.claim_next_slot(token_ids.view(-1))
-        tables.hidden.copy_(inner.embed_tokens(token_ids.view(-1)))
         logits = torch.empty(rows, config.vocab_size, dtype=dtype, device=cache.device)
+        bookkeeping = (token_ids.view(-1), inner.embed_tokens.weight, cache.seen, cache.row_sink, cache.row_window,
+                       cache.token_ids, inner.rotary_emb.inv_freq, float(inner.rotary_emb.attention_scaling))
+        cos, sin, sink_cos, sink_sin = tables.cos, tables.sin, tables.sink_cos, tables.sink_sin
+        slot, query_index = tables.slot, tables.query_index
+        sinks_pow2 = triton.next_power_of_2(max(cache.sink, 1))
         keys = cache.keys[0]
         common = dict(DTYPE=_triton_dtype(dtype), HIDDEN=config.hidden_size)
         strides = (keys.stride(0), keys.stride(1), keys.stride(2))
@@ -558,15 +618,22 @@ class FusedStep:
         if self.mode == "persistent":
             tables.counter.zero_()
             _persistent_step[(self.programs,)](
-                tables.counter, tables.done, len(inner.layers), rows, tables.hidden, tables.qbuf, tables.part_out,
+                tables.counter, tables.done, len(inner.layers), rows, *bookkeeping, tables.hidden, tables.qbuf,
+                tables.part_out,
                 tables.part_max, tables.part_sum, tables.attended, tables.act, logits, cos, sin, sink_cos, sink_sin,
                 slot, cache.active, cache.token_index, query_index, tables.info, tables.qkv, tables.norms,
                 tables.out_down, tables.gate_up, tables.keys, tables.values, tables.sinks, model.lm_head.weight,
                 inner.norm.weight, eps, *window_args, *strides, tables.blocks, config.vocab_size,
                 INNER=config.intermediate_size, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, ROWS=rows_pow2,
-                SLOTS=tables.slots, GROUP=group, BLOCKS=triton.next_power_of_2(tables.blocks), **common,
+                SLOTS=tables.slots, GROUP=group, BLOCKS=triton.next_power_of_2(tables.blocks), SINKS=sinks_pow2,
+                **common,
             )
         else:
+            tokens, embed, seen, row_sink, row_window, ids, inv_freq, rope_scaling = bookkeeping
+            _prologue_kernel[(rows,)](
+                rows, tokens, embed, tables.hidden, seen, query_index, cos, sin, sink_cos, sink_sin, slot, cache.active,
+                cache.token_index, ids, row_sink, row_window, inv_freq, rope_scaling, cache.sink, cache.capacity,
+                DIM=dim, SINKS=sinks_pow2, **common)
             for layer in range(len(inner.layers)):
                 outputs = (heads + 2 * kv_heads) * (dim // (2 * HALF_TILE))
                 _qkv_kernel[(outputs,)](
@@ -591,5 +658,4 @@ class FusedStep:
             _head_kernel[(triton.cdiv(config.vocab_size, HEAD_TILE),)](
                 rows, tables.hidden, logits, model.lm_head.weight, inner.norm.weight, eps, config.vocab_size,
                 HIDDEN=config.hidden_size, ROWS=rows_pow2)
-        cache.finish_token()
         return logits

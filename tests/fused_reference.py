@@ -78,5 +78,7 @@ def check_fused_step(layer_types, mode, sizes, steps, programs=1, device="cpu", 
         eager.active[:] = True
         fused_cache.active[:] = True
         for mine, theirs in zip(fused_cache.sink_keys, eager.sink_keys):
+            if mine.numel() == 0:  # no sinks
+                continue
             assert (mine.float() - theirs.float()).abs().max().item() <= 0.02 * theirs.float().abs().max().item() + 1e-3
     return worst

@@ -35,16 +35,18 @@ def test_fits_names_what_keeps_the_fused_step_from_serving():
         fused_step.FusedStep(odd, odd.new_cache(4, 12))
 
 
-# (layer map, mode): each map in one of the two modes; 14 steps after a 7-token prompt wrap both
-# rows' rings (sink 4 + window 12, and a row of sink 2 + window 8 in the same buffer).
-CASES = [("cla", "persistent"), ("lckv", "layers"), ("plain", "persistent")]
+# (layer map, mode, rows' (sink, window)): each map in one of the two modes; 14 steps after a
+# 7-token prompt wrap the rings (sink 4 + window 12 and a row of sink 2 + window 8 in one buffer;
+# rows with no sinks at all).
+CASES = [("cla", "persistent", [(4, 12), (2, 8)]), ("lckv", "layers", [(4, 12), (2, 8)]),
+         ("plain", "persistent", [(0, 12), (0, 9)])]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("layer_types, mode", CASES, ids=lambda value: str(value))
-def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode):
+@pytest.mark.parametrize("layer_types, mode, sizes", CASES, ids=lambda value: str(value))
+def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode, sizes):
     run_interpreted("from fused_reference import check_fused_step; "
-                    f"check_fused_step({layer_types!r}, {mode!r}, [(4, 12), (2, 8)], steps=14)")
+                    f"check_fused_step({layer_types!r}, {mode!r}, {sizes!r}, steps=14)")
 
 
 def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
