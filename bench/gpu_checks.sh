@@ -25,6 +25,9 @@
 #   fused-bench : bench_decode's compiled step (e) against the fused step (f, persistent and layers)
 #           in one run, 1k to 1M tokens and batch 1 and 8, then the kernels per step of the fused
 #           ones (profile_step.py); about 8 minutes
+#   fused-tiles : the fused step's tile sizes side by side (TILES="4,4,16 8,8,32"), then its GPU tests
+#   fused-products : one product as Triton kernels four ways (the step's chunk loop, unrolled, one
+#           whole-width load, split over the inputs) against cuBLAS, and the grid barrier's cost; 2 minutes
 #   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
 #           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
 #   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
@@ -70,6 +73,20 @@ case "${1:-}" in
       timeout 120 python3 bench/profile_step.py --fused-step $mode --rows 12 2>&1 | tee -a "$out/fused_profile_log.txt"
     done
     ;;
+  fused-tiles)
+    # The fused step's output tiles side by side (LCKV_FUSED_TILES="half,row,head"), the persistent
+    # kernel at 1k and 1M tokens, batch 1 and 8; then the fused GPU tests with the default tiles.
+    mkdir -p "$out"
+    for tiles in ${TILES:-4,4,16 8,8,32 2,2,16}; do
+      LCKV_FUSED_TILES=$tiles timeout 120 python3 bench/bench_decode.py --out "$out/fused_tiles_${tiles//,/_}" \
+        --variants f_ours_fused_persistent --lengths 1024 1048576 --batches 1 8 2>&1 | grep "^f_" | sed "s/^/tiles $tiles: /" | tee -a "$out/fused_tiles_log.txt"
+    done
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py -k fused 2>&1 | grep -v Warning | tail -15
+    ;;
+  fused-products)
+    mkdir -p "$out"
+    python3 bench/fused_products.py --out "$out/fused_products.json" 2>&1 | grep -v Warning | tee "$out/fused_products_log.txt"
+    ;;
   first)
     mkdir -p "$out"
     ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py >"$out/tests_log.txt" 2>&1
@@ -92,7 +109,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|fused-tiles|fused-products|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac

@@ -44,16 +44,20 @@ else:
 
 MAX_ROWS = 8  # rows (conversations) a fused step serves; larger batch classes use the compiled step
 CHUNK = 64  # inputs per step of a product's inner loop (hidden and intermediate sizes are multiples)
-HALF_TILE = 16  # rows of each half of a head a qkv program computes (RoPE pairs d and d + dim / 2)
-ROW_TILE = 16  # output rows per program of the out / up / down products
-HEAD_TILE = 64  # vocabulary rows per program of the output head
+# Output rows per program of each product: qkv (per half of a head: RoPE pairs d, d + dim/2),
+# out/up/down, and the head. Measured on an H100 (bench/RESULTS.md): smaller tiles, more programs
+# each with fewer rows, were slower (each program's items run one after another);
+# LCKV_FUSED_TILES="half,row,head" (powers of two) sets them for measuring.
+HALF_TILE, ROW_TILE, HEAD_TILE = 16, 16, 64
+if os.environ.get("LCKV_FUSED_TILES"):
+    HALF_TILE, ROW_TILE, HEAD_TILE = (int(value) for value in os.environ["LCKV_FUSED_TILES"].split(","))
 SLOTS = 64  # cache slots per attend program (at most 128 blocks of them: larger caches take more)
 
 
 def fused_step_mode() -> str | None:
     """LCKV_FUSED_STEP: "persistent" or "layers" serves the GPU steps of up to MAX_ROWS rows with
-    the fused kernels; unset, "" or "0": the compiled step (the default until the fused one is
-    measured on a GPU)."""
+    the fused kernels; unset, "" or "0": the compiled step (the default: on an H100 the fused step
+    is slower, bench/RESULTS.md)."""
     value = os.environ.get("LCKV_FUSED_STEP", "").strip().lower()
     if value in ("", "0", "off"):
         return None
@@ -158,10 +162,10 @@ if AVAILABLE:
             tl.store(sin + b * DIM + dims, (tl.sin(angle) * scaling).to(DTYPE))
             if sink > 0:
                 places = tl.arange(0, SINKS)
-                angle = (places + shift).to(tl.float64)[:, None] * frequency[None, :]
+                sink_angle = (places + shift).to(tl.float64)[:, None] * frequency[None, :]
                 at = b * sink * DIM + places[:, None] * DIM + dims[None, :]
-                tl.store(sink_cos + at, (tl.cos(angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
-                tl.store(sink_sin + at, (tl.sin(angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
+                tl.store(sink_cos + at, (tl.cos(sink_angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
+                tl.store(sink_sin + at, (tl.sin(sink_angle) * scaling).to(DTYPE), mask=(places < sink)[:, None])
             token = tl.load(tokens + b)
             tl.store(token_index + b * capacity + where, t, mask=on)
             tl.store(token_ids + b * capacity + where, token, mask=on)
@@ -196,14 +200,14 @@ if AVAILABLE:
             a = a.to(DTYPE).to(tl.float32)
             b = b.to(DTYPE).to(tl.float32)
             if head < HEADS + KV_HEADS:  # q and k rotate: x cos + rotate_half(x) sin
-                at = batch[:, None] * DIM
-                c_low = tl.load(cos + at + low[None, :], mask=in_rows[:, None], other=0.0,
+                rope_at = batch[:, None] * DIM
+                c_low = tl.load(cos + rope_at + low[None, :], mask=in_rows[:, None], other=0.0,
                                 cache_modifier=".cg").to(tl.float32)
-                s_low = tl.load(sin + at + low[None, :], mask=in_rows[:, None], other=0.0,
+                s_low = tl.load(sin + rope_at + low[None, :], mask=in_rows[:, None], other=0.0,
                                 cache_modifier=".cg").to(tl.float32)
-                c_high = tl.load(cos + at + high[None, :], mask=in_rows[:, None], other=0.0,
+                c_high = tl.load(cos + rope_at + high[None, :], mask=in_rows[:, None], other=0.0,
                                  cache_modifier=".cg").to(tl.float32)
-                s_high = tl.load(sin + at + high[None, :], mask=in_rows[:, None], other=0.0,
+                s_high = tl.load(sin + rope_at + high[None, :], mask=in_rows[:, None], other=0.0,
                                  cache_modifier=".cg").to(tl.float32)
                 ra = a * c_low - b * s_low
                 rb = b * c_high + a * s_high
@@ -211,31 +215,31 @@ if AVAILABLE:
                 ra = a
                 rb = b
             if head < HEADS:
-                at = batch[:, None] * (HEADS * DIM) + head * DIM
-                tl.store(qbuf + at + low[None, :], ra, mask=in_rows[:, None])
-                tl.store(qbuf + at + high[None, :], rb, mask=in_rows[:, None])
+                q_at = batch[:, None] * (HEADS * DIM) + head * DIM
+                tl.store(qbuf + q_at + low[None, :], ra, mask=in_rows[:, None])
+                tl.store(qbuf + q_at + high[None, :], rb, mask=in_rows[:, None])
             else:
                 # the new token's slot in each row that steps (the others keep their cache as it is)
                 where = tl.load(slot + batch, mask=in_rows, other=0, cache_modifier=".cg")
                 write = in_rows & (tl.load(active + batch, mask=in_rows, other=0) != 0)
                 if head < HEADS + KV_HEADS:
                     kv = head - HEADS
-                    at = batch[:, None] * cache_b + kv * cache_h + where[:, None] * cache_s
+                    key_at = batch[:, None] * cache_b + kv * cache_h + where[:, None] * cache_s
                     keys = _pointer(key_table, producer, DTYPE)
-                    tl.store(keys + at + low[None, :], ra.to(DTYPE), mask=write[:, None])
-                    tl.store(keys + at + high[None, :], rb.to(DTYPE), mask=write[:, None])
+                    tl.store(keys + key_at + low[None, :], ra.to(DTYPE), mask=write[:, None])
+                    tl.store(keys + key_at + high[None, :], rb.to(DTYPE), mask=write[:, None])
                     # a sink's raw key, at its slot of the sink buffer [rows, kv_heads, sink, dim]
                     sinks = _pointer(sink_table, producer, DTYPE)
-                    at = batch[:, None] * (KV_HEADS * sink * DIM) + kv * (sink * DIM) + where[:, None] * DIM
+                    sink_at = batch[:, None] * (KV_HEADS * sink * DIM) + kv * (sink * DIM) + where[:, None] * DIM
                     is_sink = write & (where < sink)
-                    tl.store(sinks + at + low[None, :], a.to(DTYPE), mask=is_sink[:, None])
-                    tl.store(sinks + at + high[None, :], b.to(DTYPE), mask=is_sink[:, None])
+                    tl.store(sinks + sink_at + low[None, :], a.to(DTYPE), mask=is_sink[:, None])
+                    tl.store(sinks + sink_at + high[None, :], b.to(DTYPE), mask=is_sink[:, None])
                 else:
-                    kv = head - HEADS - KV_HEADS
-                    at = batch[:, None] * cache_b + kv * cache_h + where[:, None] * cache_s
+                    value_kv = head - HEADS - KV_HEADS
+                    value_at = batch[:, None] * cache_b + value_kv * cache_h + where[:, None] * cache_s
                     values = _pointer(value_table, producer, DTYPE)
-                    tl.store(values + at + low[None, :], a.to(DTYPE), mask=write[:, None])
-                    tl.store(values + at + high[None, :], b.to(DTYPE), mask=write[:, None])
+                    tl.store(values + value_at + low[None, :], a.to(DTYPE), mask=write[:, None])
+                    tl.store(values + value_at + high[None, :], b.to(DTYPE), mask=write[:, None])
 
     @triton.jit
     def _rotated_sinks(sinks, at, dims, cos, sin, mask, DIM: tl.constexpr):
@@ -305,8 +309,8 @@ if AVAILABLE:
             tl.debug_barrier()  # this program's partials are all stored
             finished = tl.atomic_add(done + b * KV_HEADS + kv, 1, sem="acq_rel", scope="gpu")
             if finished == blocks - 1:
-                for head in range(kv * groups, kv * groups + groups):
-                    _combine_head(b * HEADS + head, part_out, part_max, part_sum, attended, blocks, DIM, BLOCKS)
+                for query_head in range(kv * groups, kv * groups + groups):
+                    _combine_head(b * HEADS + query_head, part_out, part_max, part_sum, attended, blocks, DIM, BLOCKS)
                 tl.atomic_xchg(done + b * KV_HEADS + kv, 0, sem="acq_rel", scope="gpu")
 
     @triton.jit

@@ -11,6 +11,7 @@ the model cache folder) on CPUs that have AVX512-VNNI, and is absent elsewhere (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -64,16 +65,37 @@ def _load() -> tuple[bool, str | None]:
         build = cache_dir() / "kernels" / f"cpu-kernels-{digest}-torch{torch.__version__.replace('+', '_')}"
         build.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
-        cpp_extension.load(
-            name=f"lckv_cpu_kernels_{digest}", sources=[str(source) for source in sources],
-            extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build),
-            is_python_module=False, verbose=False,
-        )
+        with _build_lock(build):
+            cpp_extension.load(
+                name=f"lckv_cpu_kernels_{digest}", sources=[str(source) for source in sources],
+                extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build),
+                is_python_module=False, verbose=False,
+            )
     except Exception as error:  # no compiler or ninja (a slim container): torch's kernel serves
         return False, f"the kernel could not be built: {str(error)[:200]}"
     _register_fake()
     _state["amx"] = bool(torch.ops.lckv.int8_use_amx(os.environ.get("LCKV_INT8_AMX", "1") != "0"))
     return True, None
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """Holds an OS lock on the build folder while torch builds in it. torch marks a build with a
+    `lock` file that a killed process (Ctrl-C during the first start) leaves behind, and every later
+    start would wait on it forever; the OS lock dies with its process, so a `lock` file found while
+    holding it is such a leftover and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's own file lock alone
+        yield
+        return
+    with open(build / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_amx(on: bool) -> bool:

@@ -49,6 +49,20 @@ def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode, sizes)
                     f"check_fused_step({layer_types!r}, {mode!r}, {sizes!r}, steps=14)")
 
 
+@needs_interpreter
+def test_fused_kernels_compile_for_a_hopper_gpu():
+    """What the interpreter lets through and a GPU's compiler refuses (a variable whose type differs
+    between two branches: the first GPU run failed on three): Triton's compiler, LLVM and ptxas
+    take every kernel of both modes for sm_90, for rows with and without sinks."""
+    run_interpreted(
+        "from hopper_compile import compile_fused_step_for_hopper as build\n"
+        "assert build('cla', 'persistent', [(4, 12), (2, 8)]) == ['_persistent_step']\n"
+        "assert build('plain', 'persistent', [(0, 12)]) == ['_persistent_step']\n"
+        "names = build('lckv', 'layers', [(4, 12)])\n"
+        "assert set(names) == {'_prologue_kernel', '_qkv_kernel', '_attend_kernel', '_residual_kernel', "
+        "'_up_kernel', '_head_kernel'}, names\n", interpret=False)
+
+
 def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
     monkeypatch.delenv("LCKV_FUSED_STEP", raising=False)
     assert fused_step.fused_step_mode() is None

@@ -213,3 +213,14 @@ def test_the_kernel_layout_round_trips_and_pads_to_whole_groups_of_16_rows():
     sums = int8_kernel.block_sums(q)
     assert sums.shape == (2, 2, 16) and sums.dtype == torch.int32
     assert sums[0, 1, 3].item() == -128 * q[3, 64:].sum().item() and (sums[1, :, 4:] == 0).all()
+
+
+def test_a_kernel_build_killed_midway_does_not_hang_the_next_start(tmp_path):
+    """torch marks a build in progress with a `lock` file and waits while it exists; a process killed
+    while building (Ctrl-C at the first start) leaves it behind. Under the build's OS lock, which
+    died with that process, the leftover goes and the build proceeds."""
+    (tmp_path / "lock").write_text("")
+    with int8_kernel._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        (tmp_path / "lock").write_text("")  # torch's own marker during the build
+    assert (tmp_path / "build.flock").exists()
