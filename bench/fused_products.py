@@ -41,32 +41,16 @@ CHUNK = 64
 
 
 @triton.jit
-def _rolled(x, w, y, rows, OUTPUTS: tl.constexpr, INPUTS: tl.constexpr, TILE: tl.constexpr,
-            ROWS: tl.constexpr, CHUNK: tl.constexpr):
+def _chunked(x, w, y, rows, OUTPUTS: tl.constexpr, INPUTS: tl.constexpr, TILE: tl.constexpr,
+             ROWS: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """The step's chunk loop (UNROLL 1), or unrolled by the compiler (UNROLL = the chunks)."""
     batch = tl.arange(0, ROWS)
     inputs = tl.arange(0, CHUNK)
     lanes = tl.arange(0, TILE)
     for item in range(tl.program_id(0), OUTPUTS // TILE, tl.num_programs(0)):
         out_rows = item * TILE + lanes
         acc = tl.zeros([ROWS, TILE], tl.float32)
-        for start in range(0, INPUTS, CHUNK):
-            xs = tl.load(x + batch[:, None] * INPUTS + start + inputs[None, :], mask=(batch < rows)[:, None],
-                         other=0.0, cache_modifier=".cg")
-            ws = tl.load(w + out_rows[:, None] * INPUTS + start + inputs[None, :]).to(tl.float32)
-            acc += tl.sum(xs[:, None, :] * ws[None, :, :], axis=2)
-        tl.store(y + batch[:, None] * OUTPUTS + out_rows[None, :], acc, mask=(batch < rows)[:, None])
-
-
-@triton.jit
-def _unrolled(x, w, y, rows, OUTPUTS: tl.constexpr, INPUTS: tl.constexpr, TILE: tl.constexpr,
-              ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    batch = tl.arange(0, ROWS)
-    inputs = tl.arange(0, CHUNK)
-    lanes = tl.arange(0, TILE)
-    for item in range(tl.program_id(0), OUTPUTS // TILE, tl.num_programs(0)):
-        out_rows = item * TILE + lanes
-        acc = tl.zeros([ROWS, TILE], tl.float32)
-        for start in tl.static_range(0, INPUTS, CHUNK):
+        for start in tl.range(0, INPUTS, CHUNK, loop_unroll_factor=UNROLL):
             xs = tl.load(x + batch[:, None] * INPUTS + start + inputs[None, :], mask=(batch < rows)[:, None],
                          other=0.0, cache_modifier=".cg")
             ws = tl.load(w + out_rows[:, None] * INPUTS + start + inputs[None, :]).to(tl.float32)
@@ -162,8 +146,8 @@ def products(rows: int, tile: int, programs: int) -> list[dict]:
         grid = (programs,)
         common = dict(OUTPUTS=outputs, INPUTS=inputs, TILE=tile_here, ROWS=rows_pow2, CHUNK=CHUNK)
         schemes = {
-            "rolled": lambda: _rolled[grid](x, weight, y, rows, **common),
-            "unrolled": lambda: _unrolled[grid](x, weight, y, rows, **common),
+            "rolled": lambda: _chunked[grid](x, weight, y, rows, UNROLL=1, **common),
+            "unrolled": lambda: _chunked[grid](x, weight, y, rows, UNROLL=inputs // CHUNK, **common),
             "whole": lambda: _whole[grid](x, weight, y, rows, WIDTH=triton.next_power_of_2(inputs), **common),
             "split": lambda: (y.zero_(), _split[grid](x, weight, y, rows, **common)),
             "cublas": lambda: torch.nn.functional.linear(x16, weight),
@@ -219,8 +203,10 @@ def sass_trace(shape: str = "down", rows: int = 1, tile: int = 16) -> None:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     outputs, inputs = SHAPES[shape]
     base = dict(OUTPUTS=outputs, INPUTS=inputs, TILE=tile, ROWS=triton.next_power_of_2(rows), CHUNK=CHUNK)
-    for scheme, kernel in (("rolled", _rolled), ("unrolled", _unrolled), ("whole", _whole), ("split", _split)):
-        constants = {**base, **({"WIDTH": triton.next_power_of_2(inputs)} if scheme == "whole" else {})}
+    extra = {"rolled": {"UNROLL": 1}, "unrolled": {"UNROLL": inputs // CHUNK},
+             "whole": {"WIDTH": triton.next_power_of_2(inputs)}, "split": {}}
+    for scheme, kernel in (("rolled", _chunked), ("unrolled", _chunked), ("whole", _whole), ("split", _split)):
+        constants = {**base, **extra[scheme]}
         signature = {"x": "*fp32", "w": "*bf16", "y": "*fp32", "rows": "i32", **{k: "constexpr" for k in constants}}
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 4})

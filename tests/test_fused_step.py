@@ -72,3 +72,28 @@ def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
     monkeypatch.setenv("LCKV_FUSED_STEP", "fast")
     with pytest.raises(ValueError, match="LCKV_FUSED_STEP must be"):
         fused_step.fused_step_mode()
+
+
+@needs_interpreter
+def test_the_product_benchmarks_kernels_compute_the_product():
+    """bench/fused_products.py times four ways of writing one product; each must compute it (rows
+    of other counts, inputs not a power of two) before its time means anything, and the barrier
+    kernel must count every program's arrival."""
+    run_interpreted(
+        "import sys, torch, triton\n"
+        "sys.path.insert(0, 'bench')\n"
+        "import fused_products as fp\n"
+        "torch.manual_seed(0)\n"
+        "for rows in (1, 3):\n"
+        "    w = (torch.randn(32, 192) / 192 ** 0.5).to(torch.bfloat16)\n"
+        "    x = torch.randn(rows, 192)\n"
+        "    want = x @ w.float().t()\n"
+        "    common = dict(OUTPUTS=32, INPUTS=192, TILE=8, ROWS=triton.next_power_of_2(rows), CHUNK=64)\n"
+        "    for kernel, extra in ((fp._chunked, {'UNROLL': 1}), (fp._chunked, {'UNROLL': 3}),\n"
+        "                          (fp._whole, {'WIDTH': 256}), (fp._split, {})):\n"
+        "        y = torch.zeros(rows, 32)\n"
+        "        kernel[(3,)](x, w, y, rows, **common, **extra)\n"
+        "        assert ((y - want).abs().max() / want.abs().max()).item() < 1e-5, kernel\n"
+        "counter = torch.zeros(1, dtype=torch.int32)\n"
+        "fp._barriers[(1,)](counter, 5, POLL_ATOMIC=False)\n"
+        "assert counter.item() == 5\n")
