@@ -238,6 +238,10 @@ def run_variant(name: str, steps: int, lengths: list[int], batches: tuple[int, .
     result: dict = {"variant": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "cache": {"sink": SINK, "window": WINDOW}, "latency": {},
                     "decode_kernel": os.environ.get("LCKV_DECODE_KERNEL", "1") != "0"}
+    if name.startswith("f_"):
+        from lckv_stream import fused_step
+        result["fused"] = {"products": fused_step.PRODUCTS,
+                           "tiles": [fused_step.HALF_TILE, fused_step.ROW_TILE, fused_step.HEAD_TILE]}
     for length in lengths:
         if name.startswith(("a_", "b_")) and length > TRAINED_CONTEXT:
             result["latency"][str(length)] = None  # past the trained context: dense baselines stop

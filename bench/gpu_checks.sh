@@ -25,7 +25,8 @@
 #   fused-bench : bench_decode's compiled step (e) against the fused step (f, persistent and layers)
 #           in one run, 1k to 1M tokens and batch 1 and 8, then the kernels per step of the fused
 #           ones (profile_step.py); about 8 minutes
-#   fused-tiles : the fused step's tile sizes side by side (TILES="4,4,16 8,8,32"), then its GPU tests
+#   fused-tiles : the fused step's ways of reading inputs and its tiles side by side
+#           (CONFIGS="whole:16,16,16 chunks:16,16,64"), then its GPU tests with the first; about 6 minutes
 #   fused-products : one product as Triton kernels four ways (the step's chunk loop, unrolled, one
 #           whole-width load, split over the inputs) against cuBLAS, and the grid barrier's cost; 2 minutes
 #   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
@@ -74,14 +75,20 @@ case "${1:-}" in
     done
     ;;
   fused-tiles)
-    # The fused step's output tiles side by side (LCKV_FUSED_TILES="half,row,head"), the persistent
-    # kernel at 1k and 1M tokens, batch 1 and 8; then the fused GPU tests with the default tiles.
+    # The fused step's ways of reading a product's inputs and its output tiles side by side
+    # (CONFIGS of products:half,row,head; LCKV_FUSED_PRODUCTS, LCKV_FUSED_TILES), the persistent
+    # kernel at 1k and 1M tokens, batch 1 and 8; then the fused GPU tests with the first config.
     mkdir -p "$out"
-    for tiles in ${TILES:-4,4,16 8,8,32 2,2,16}; do
-      LCKV_FUSED_TILES=$tiles timeout 120 python3 bench/bench_decode.py --out "$out/fused_tiles_${tiles//,/_}" \
-        --variants f_ours_fused_persistent --lengths 1024 1048576 --batches 1 8 2>&1 | grep "^f_" | sed "s/^/tiles $tiles: /" | tee -a "$out/fused_tiles_log.txt"
+    configs=${CONFIGS:-chunks:16,16,64 whole:16,16,16 whole:16,16,64 whole:8,8,16}
+    for config in $configs; do
+      products=${config%%:*}; tiles=${config#*:}
+      LCKV_FUSED_PRODUCTS=$products LCKV_FUSED_TILES=$tiles timeout 120 python3 bench/bench_decode.py \
+        --out "$out/fused_tiles_${products}_${tiles//,/_}" --variants f_ours_fused_persistent \
+        --lengths 1024 1048576 --batches 1 8 2>&1 | grep "^f_" | sed "s/^/$config: /" | tee -a "$out/fused_tiles_log.txt"
     done
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -s tests/test_gpu.py -k fused 2>&1 | grep -v Warning | tail -15
+    first=${configs%% *}
+    LCKV_FUSED_PRODUCTS=${first%%:*} LCKV_FUSED_TILES=${first#*:} timeout 200 python3 -m pytest -q -p no:cacheprovider -s \
+      tests/test_gpu.py -k fused 2>&1 | grep -v Warning | tail -15
     ;;
   fused-products)
     mkdir -p "$out"

@@ -51,6 +51,11 @@ CHUNK = 64  # inputs per step of a product's inner loop (hidden and intermediate
 HALF_TILE, ROW_TILE, HEAD_TILE = 16, 16, 64
 if os.environ.get("LCKV_FUSED_TILES"):
     HALF_TILE, ROW_TILE, HEAD_TILE = (int(value) for value in os.environ["LCKV_FUSED_TILES"].split(","))
+# How a product reads its inputs: "chunks" (64 at a time, a loop: the measured default) or "whole"
+# (each tile's whole width in one load); LCKV_FUSED_PRODUCTS sets it for measuring.
+PRODUCTS = os.environ.get("LCKV_FUSED_PRODUCTS", "chunks")
+if PRODUCTS not in ("chunks", "whole"):
+    raise ValueError(f"LCKV_FUSED_PRODUCTS must be 'chunks' or 'whole', got {PRODUCTS!r}")
 SLOTS = 64  # cache slots per attend program (at most 128 blocks of them: larger caches take more)
 
 
@@ -98,6 +103,7 @@ if AVAILABLE:
     HALF_TILE_C = _constant(HALF_TILE)
     ROW_TILE_C = _constant(ROW_TILE)
     HEAD_TILE_C = _constant(HEAD_TILE)
+    WHOLE_C = _constant(PRODUCTS == "whole")
 
     @triton.jit
     def _pointer(table, index, DTYPE: tl.constexpr):
@@ -105,15 +111,32 @@ if AVAILABLE:
         return tl.load(table + index).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _next_pow2(n: tl.constexpr):
+        """The power of two at least `n`, as a compile-time constant (tl.arange takes powers of two)."""
+        w0: tl.constexpr = n - 1
+        w1: tl.constexpr = w0 | (w0 >> 1)
+        w2: tl.constexpr = w1 | (w1 >> 2)
+        w3: tl.constexpr = w2 | (w2 >> 4)
+        w4: tl.constexpr = w3 | (w3 >> 8)
+        return tl.constexpr((w4 | (w4 >> 16)) + 1)
+
+    @triton.jit
     def _inverse_rms(x_ptr, rows, eps, HIDDEN: tl.constexpr, ROWS: tl.constexpr):
         """1 / RMS of each of the first `rows` rows [ROWS] of a float32 [*, HIDDEN] buffer."""
         batch = tl.arange(0, ROWS)
-        inputs = tl.arange(0, CHUNK_C)
-        total = tl.zeros([ROWS], tl.float32)
-        for start in range(0, HIDDEN, CHUNK_C):
-            x = tl.load(x_ptr + batch[:, None] * HIDDEN + start + inputs[None, :], mask=(batch < rows)[:, None],
-                        other=0.0, cache_modifier=".cg")
-            total += tl.sum(x * x, axis=1)
+        if WHOLE_C:  # one load for the whole width: no chain of round trips
+            width: tl.constexpr = _next_pow2(HIDDEN)
+            inputs = tl.arange(0, width)
+            x = tl.load(x_ptr + batch[:, None] * HIDDEN + inputs[None, :],
+                        mask=(batch < rows)[:, None] & (inputs < HIDDEN)[None, :], other=0.0, cache_modifier=".cg")
+            total = tl.sum(x * x, axis=1)
+        else:
+            inputs = tl.arange(0, CHUNK_C)
+            total = tl.zeros([ROWS], tl.float32)
+            for start in range(0, HIDDEN, CHUNK_C):
+                x = tl.load(x_ptr + batch[:, None] * HIDDEN + start + inputs[None, :],
+                            mask=(batch < rows)[:, None], other=0.0, cache_modifier=".cg")
+                total += tl.sum(x * x, axis=1)
         return 1.0 / tl.sqrt(total / HIDDEN + eps)
 
     @triton.jit
@@ -122,18 +145,38 @@ if AVAILABLE:
         """x [rows, INPUTS] (float32; with NORM: times `scale` per row and the norm weight) against
         the weight rows `out_rows` [TILE] of w [*, INPUTS]: [ROWS, TILE] float32."""
         batch = tl.arange(0, ROWS)
-        inputs = tl.arange(0, CHUNK_C)
         acc = tl.zeros([ROWS, TILE], tl.float32)
-        for start in range(0, INPUTS, CHUNK_C):
-            x = tl.load(x_ptr + batch[:, None] * INPUTS + start + inputs[None, :], mask=(batch < rows)[:, None],
-                        other=0.0, cache_modifier=".cg")
+        if WHOLE_C:
+            # The tile's whole width in one load, issued before any arithmetic needs it, then each
+            # row against it: one round trip to memory, where the chunk loop below waits for each
+            # chunk's loads in turn (bench/fused_products.py --sass).
+            width: tl.constexpr = _next_pow2(INPUTS)
+            inputs = tl.arange(0, width)
+            inside = inputs < INPUTS
+            w = tl.load(w_ptr + out_rows[:, None] * INPUTS + inputs[None, :], mask=inside[None, :], other=0.0)
             if NORM:
-                weight = tl.load(norm_ptr + start + inputs).to(tl.float32)
-                # as the eager RMSNorm: normalized in float32, rounded to the weights' dtype, then scaled
-                x = (x * scale[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32) * weight[None, :]
-                x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_ptr + out_rows[:, None] * INPUTS + start + inputs[None, :]).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                weight = tl.load(norm_ptr + inputs, mask=inside, other=0.0).to(tl.float32)
+            for r in tl.static_range(ROWS):
+                x = tl.load(x_ptr + r * INPUTS + inputs, mask=inside & (inputs * 0 + r < rows), other=0.0,
+                            cache_modifier=".cg")
+                if NORM:
+                    row_scale = tl.sum(tl.where(batch == r, scale, 0.0), axis=0)
+                    x = (x * row_scale).to(w_ptr.dtype.element_ty).to(tl.float32) * weight
+                    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+                out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+                acc = tl.where(batch[:, None] == r, out[None, :], acc)
+        else:
+            inputs = tl.arange(0, CHUNK_C)
+            for start in range(0, INPUTS, CHUNK_C):
+                x = tl.load(x_ptr + batch[:, None] * INPUTS + start + inputs[None, :],
+                            mask=(batch < rows)[:, None], other=0.0, cache_modifier=".cg")
+                if NORM:
+                    weight = tl.load(norm_ptr + start + inputs).to(tl.float32)
+                    # as the eager RMSNorm: normalized in float32, rounded to the weights' dtype, then scaled
+                    x = (x * scale[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32) * weight[None, :]
+                    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+                w = tl.load(w_ptr + out_rows[:, None] * INPUTS + start + inputs[None, :]).to(tl.float32)
+                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         return acc
 
     @triton.jit

@@ -38,15 +38,17 @@ def test_fits_names_what_keeps_the_fused_step_from_serving():
 # (layer map, mode, rows' (sink, window)): each map in one of the two modes; 14 steps after a
 # 7-token prompt wrap the rings (sink 4 + window 12 and a row of sink 2 + window 8 in one buffer;
 # rows with no sinks at all).
-CASES = [("cla", "persistent", [(4, 12), (2, 8)]), ("lckv", "layers", [(4, 12), (2, 8)]),
-         ("plain", "persistent", [(0, 12), (0, 9)])]
+# The last case reads each product's inputs in one load (LCKV_FUSED_PRODUCTS=whole).
+CASES = [("cla", "persistent", [(4, 12), (2, 8)], "chunks"), ("lckv", "layers", [(4, 12), (2, 8)], "chunks"),
+         ("plain", "persistent", [(0, 12), (0, 9)], "chunks"), ("cla", "layers", [(4, 12), (2, 8)], "whole")]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("layer_types, mode, sizes", CASES, ids=lambda value: str(value))
-def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode, sizes):
+@pytest.mark.parametrize("layer_types, mode, sizes, products", CASES, ids=lambda value: str(value))
+def test_interpreted_fused_step_follows_the_eager_step(layer_types, mode, sizes, products):
     run_interpreted("from fused_reference import check_fused_step; "
-                    f"check_fused_step({layer_types!r}, {mode!r}, {sizes!r}, steps=14)")
+                    f"check_fused_step({layer_types!r}, {mode!r}, {sizes!r}, steps=14)",
+                    env={"LCKV_FUSED_PRODUCTS": products})
 
 
 @needs_interpreter
@@ -61,6 +63,9 @@ def test_fused_kernels_compile_for_a_hopper_gpu():
         "names = build('lckv', 'layers', [(4, 12)])\n"
         "assert set(names) == {'_prologue_kernel', '_qkv_kernel', '_attend_kernel', '_residual_kernel', "
         "'_up_kernel', '_head_kernel'}, names\n", interpret=False)
+    run_interpreted("from hopper_compile import compile_fused_step_for_hopper as build\n"
+                    "assert build('cla', 'persistent', [(4, 12), (2, 8)]) == ['_persistent_step']\n",
+                    interpret=False, env={"LCKV_FUSED_PRODUCTS": "whole"})
 
 
 def test_the_fused_step_is_chosen_by_lckv_fused_step(monkeypatch):
