@@ -37,8 +37,12 @@ CPU_COMPILED_CLASSES = (1, 8)
 
 # TorchInductor options of the compiled CPU step. cpp_wrapper: the code that calls the kernels is
 # C++ too, not Python. Not freezing (weights as constants): Inductor's disk cache skips frozen graphs,
-# and compiling the default model's step takes minutes on two cores.
-CPU_COMPILE_OPTIONS: dict = {"cpp_wrapper": True}
+# and compiling the default model's step takes minutes on two cores. No guards on the model's modules:
+# checking them before every call took 1.1 ms of a 13 ms step (bench/RESULTS.md); a compiled step
+# only ever serves the one model it was compiled for, whose modules do not change (the cache, which
+# does, keeps its guards).
+CPU_COMPILE_OPTIONS: dict = {"cpp_wrapper": True,
+                             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 def cpu_fast_enabled() -> bool:
