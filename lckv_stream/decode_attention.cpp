@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -187,31 +188,37 @@ void split_entry(const float* q, const void* k, const void* head_keys, int64_t h
                                static_cast<const KV*>(v), visible, begin, end, partial);
 }
 
-// The first `head` slots' keys (whole blocks of 16) of every (row, KV head), with the sink slots'
-// keys rotated here from the raw sink keys [batch, kv_heads, sink, dim] at their place in the row's
-// cache frame (cos/sin [batch, sink, dim]): the cache's own sink slots are not rewritten every step.
-// Rounded to the keys' dtype as the cache would store them. Returns [batch, kv_heads, head, dim].
-at::Tensor rotated_head(const at::Tensor& keys, const at::Tensor& sink_keys, const at::Tensor& cos,
-                        const at::Tensor& sin, int64_t head) {
-    const int64_t sink = sink_keys.size(2), dim = keys.size(3), half = dim / 2;
-    at::Tensor out = keys.narrow(2, 0, head).contiguous();  // the rest of the first block as it is
-    const at::Tensor raw = sink_keys.to(at::kFloat).contiguous();
-    const at::Tensor c = cos.to(at::kFloat).contiguous(), si = sin.to(at::kFloat).contiguous();
-    at::Tensor rotated = at::empty({keys.size(0), keys.size(1), sink, dim}, raw.options());
-    const float *rp = raw.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = si.data_ptr<float>();
-    float* op = rotated.data_ptr<float>();
-    const int64_t heads = keys.size(1);
-    for (int64_t b = 0; b < keys.size(0); ++b)
-        for (int64_t h = 0; h < heads; ++h)
+// A float from element `index` of a float32 or bfloat16 tensor's data.
+LCKV_INLINE float element(const void* data, bool half, int64_t index) {
+    return half ? float(static_cast<const at::BFloat16*>(data)[index]) : static_cast<const float*>(data)[index];
+}
+
+// The first `head` slots' keys (whole blocks of 16) of every (row, KV head) into `out` [batch,
+// kv_heads, head, dim] in the keys' type KV, with the sink slots' keys rotated here from the raw sink
+// keys [batch, kv_heads, sink, dim] at their place in the row's cache frame (cos/sin [batch, sink,
+// dim]): the cache's own sink slots are not rewritten every step. Computed in float32 and rounded to
+// KV as the cache would store them. Raw loops, no tensors: at a batch of one the small ATen calls
+// this took cost as much as the attention itself.
+template <typename KV>
+void rotated_head(const KV* keys, int64_t batch, int64_t heads, int64_t slots, int64_t dim,
+                  const at::Tensor& sink_keys, const at::Tensor& cos, const at::Tensor& sin, int64_t head, KV* out) {
+    const int64_t sink = sink_keys.size(2), half = dim / 2;
+    const bool raw_half = sink_keys.scalar_type() == at::kBFloat16, angle_half = cos.scalar_type() == at::kBFloat16;
+    const void *rp = sink_keys.data_ptr(), *cp = cos.data_ptr(), *sp = sin.data_ptr();
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t pair = b * heads + h;
+            KV* y = out + pair * head * dim;
+            std::copy(keys + pair * slots * dim + sink * dim, keys + pair * slots * dim + head * dim, y + sink * dim);
             for (int64_t s = 0; s < sink; ++s) {
-                const float* x = rp + ((b * heads + h) * sink + s) * dim;
-                const float *cs = cp + (b * sink + s) * dim, *sn = sp + (b * sink + s) * dim;
-                float* y = op + ((b * heads + h) * sink + s) * dim;
-                for (int64_t d = 0; d < dim; ++d)  // x cos + rotate_half(x) sin (the Llama convention)
-                    y[d] = x[d] * cs[d] + (d < half ? -x[d + half] : x[d - half]) * sn[d];
+                const int64_t x = (pair * sink + s) * dim, a = (b * sink + s) * dim;
+                for (int64_t d = 0; d < dim; ++d) {  // x cos + rotate_half(x) sin (the Llama convention)
+                    const float partner = d < half ? -element(rp, raw_half, x + d + half) : element(rp, raw_half, x + d - half);
+                    y[s * dim + d] = KV(element(rp, raw_half, x + d) * element(cp, angle_half, a + d)
+                                        + partner * element(sp, angle_half, a + d));
+                }
             }
-    out.narrow(2, 0, sink).copy_(rotated);
-    return out;
+        }
 }
 
 template <typename KV>
@@ -251,10 +258,26 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
                                                           : pick_for<float>(rows, dim / LANES);
     TORCH_CHECK(split_fn, "decode_attention: rows ", rows, " and dim ", dim, " are not compiled in");
 
-    const at::Tensor q = (query.to(at::kFloat) * (1.0 / std::sqrt(double(dim)))).contiguous();
-    const at::Tensor k = keys.contiguous(), v = values.contiguous(), seen = visible.contiguous();
+    // The query scaled into float32, read through its strides (the folded heads are a view).
+    std::vector<float> q(batch * heads * rows * dim);
+    {
+        const bool half = query.scalar_type() == at::kBFloat16;
+        TORCH_CHECK(half || query.scalar_type() == at::kFloat, "decode_attention: query must be float32 or bfloat16");
+        const float scale = float(1.0 / std::sqrt(double(dim)));
+        const void* data = query.data_ptr();
+        const auto st = query.strides();
+        for (int64_t b = 0, i = 0; b < batch; ++b)
+            for (int64_t h = 0; h < heads; ++h)
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t d = 0; d < dim; ++d, ++i)
+                        q[i] = element(data, half, b * st[0] + h * st[1] + r * st[2] + d * st[3]) * scale;
+    }
+    const at::Tensor k = keys.contiguous(), v = values.contiguous();
+    const at::Tensor seen = visible.stride(1) == 1 ? visible : visible.contiguous();
+    const int64_t seen_stride = seen.stride(0);
     int64_t head = 0;  // slots whose keys come from `first` (the sinks, rotated here)
-    at::Tensor first = k;
+    std::vector<char> first;
+    const int64_t element_size = k.element_size();
     if (sink_keys.has_value() && sink_keys->size(2) > 0) {
         const int64_t sink = sink_keys->size(2);
         TORCH_CHECK(sink_keys->dim() == 4 && sink_keys->size(0) == batch && sink_keys->size(1) == heads
@@ -262,32 +285,45 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
                     && sink_cos->sizes() == at::IntArrayRef({batch, sink, dim}) && sink_sin->sizes() == sink_cos->sizes(),
                     "decode_attention: sink_keys [batch, kv_heads, sink, dim] with cos/sin [batch, sink, dim]");
         head = std::min<int64_t>(slots, (sink + LANES - 1) / LANES * LANES);
-        first = rotated_head(k, *sink_keys, *sink_cos, *sink_sin, head).to(k.scalar_type());
+        const at::Tensor raw = sink_keys->contiguous(), c = sink_cos->contiguous(), s = sink_sin->contiguous();
+        first.resize(batch * heads * head * dim * element_size);
+        if (half)
+            rotated_head(k.data_ptr<at::BFloat16>(), batch, heads, slots, dim, raw, c, s, head,
+                         reinterpret_cast<at::BFloat16*>(first.data()));
+        else
+            rotated_head(k.data_ptr<float>(), batch, heads, slots, dim, raw, c, s, head,
+                         reinterpret_cast<float*>(first.data()));
     }
     const int64_t splits = std::max<int64_t>(1, (slots + SPLIT - 1) / SPLIT), pairs = batch * heads;
-    at::Tensor partial = at::empty({pairs, splits, rows, dim + 2}, q.options());
-    at::Tensor out = at::empty({batch, heads, rows, dim}, q.options());
-    const float* qp = q.data_ptr<float>();
+    std::vector<float> partial(pairs * splits * rows * (dim + 2));
+    const bool out_float = query.scalar_type() == at::kFloat;
+    at::Tensor out = at::empty({batch, heads, rows, dim}, query.options().memory_format(at::MemoryFormat::Contiguous));
+    std::vector<float> staged(out_float ? 0 : pairs * rows * dim);  // bfloat16 out: combined in float32 first
+    float* op = out_float ? out.data_ptr<float>() : staged.data();
+    const float* qp = q.data();
     const char* kp = static_cast<const char*>(k.data_ptr());
     const char* vp = static_cast<const char*>(v.data_ptr());
-    const char* hp = static_cast<const char*>(first.data_ptr());
+    const char* hp = head ? first.data() : kp;
     const bool* sp = seen.data_ptr<bool>();
-    float *pp = partial.data_ptr<float>(), *op = out.data_ptr<float>();
-    const int64_t element = k.element_size();
-    at::parallel_for(0, pairs * splits, 1, [&](int64_t first, int64_t last) {
-        for (int64_t item = first; item < last; ++item) {
+    float* pp = partial.data();
+    at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
             const int64_t pair = item / splits, s = item % splits, b = pair / heads;
-            const int64_t offset = pair * slots * dim * element;
-            const int64_t head_offset = pair * (head ? head : slots) * dim * element;
-            split_fn(qp + pair * rows * dim, kp + offset, hp + head_offset, head, vp + offset, sp + b * slots,
+            const int64_t offset = pair * slots * dim * element_size;
+            const int64_t head_offset = pair * (head ? head : slots) * dim * element_size;
+            split_fn(qp + pair * rows * dim, kp + offset, hp + head_offset, head, vp + offset, sp + b * seen_stride,
                      s * SPLIT, std::min(slots, (s + 1) * SPLIT), pp + item * rows * (dim + 2));
         }
     });
-    at::parallel_for(0, pairs, 16, [&](int64_t first, int64_t last) {
-        for (int64_t pair = first; pair < last; ++pair)
+    at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t pair = begin; pair < end; ++pair)
             combine(pp + pair * splits * rows * (dim + 2), splits, rows, dim, op + pair * rows * dim);
     });
-    return query.scalar_type() == at::kFloat ? out : out.to(query.scalar_type());
+    if (!out_float) {
+        at::BFloat16* o = out.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < pairs * rows * dim; ++i) o[i] = at::BFloat16(staged[i]);
+    }
+    return out;
 }
 
 }  // namespace

@@ -105,6 +105,31 @@ def test_sink_keys_rotated_in_the_kernel_replace_the_caches_sink_slots(dtype, si
         torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE, msg=name)
 
 
+@pytest.mark.parametrize("sink", [0, 16])
+def test_views_and_a_bfloat16_query_give_the_contiguous_float32_bits(sink):
+    """The kernel reads the query through its strides (the model passes a view of its folded heads)
+    and the mask through its row stride, and answers a bfloat16 query in bfloat16: the same bits as
+    contiguous float32 inputs, rounded once at the end."""
+    generator = torch.Generator().manual_seed(sink)
+    batch, heads, rows, dim, slots = 2, 3, 3, 64, 300
+    query = torch.randn(batch, rows, heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    keys = (3 * torch.randn(batch, heads, slots, dim, generator=generator)).to(torch.bfloat16)
+    values = torch.randn(batch, heads, slots, dim, generator=generator).to(torch.bfloat16)
+    wide = torch.rand(batch, slots + 7, generator=generator) < 0.7
+    visible = wide[:, 3:slots + 3]  # rows 307 apart
+    sinks = ()
+    if sink:
+        angles = torch.rand(batch, sink, dim // 2, generator=generator) * 6.28
+        sinks = ((3 * torch.randn(batch, heads, sink, dim, generator=generator)).to(torch.bfloat16),
+                 torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin())
+    assert not query.is_contiguous() and not visible.is_contiguous()
+    want = torch.ops.lckv.decode_attention(query.float().contiguous(), keys, values, visible.contiguous(), *sinks)
+    got = torch.ops.lckv.decode_attention(query, keys, values, visible, *sinks)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    got32 = torch.ops.lckv.decode_attention(query.float(), keys, values, visible, *sinks)
+    assert torch.equal(got32, want)
+
+
 def test_a_row_gets_the_same_bits_in_any_batch_and_with_any_threads():
     """The splits are fixed: a conversation's attention does not depend on who it is batched with."""
     generator = torch.Generator().manual_seed(3)
