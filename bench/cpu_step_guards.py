@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -24,16 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lckv_stream.attention import choose_attention_backend  # noqa: E402
 from lckv_stream.cpu_fast import CPU_COMPILE_OPTIONS, cpu_fast_model, fast_path_name, use_cpu_threads  # noqa: E402
-from lckv_stream.decoding import _allow_recompiles, decode_step  # noqa: E402
+from lckv_stream.decoding import compile_step  # noqa: E402
 from lckv_stream.loading import load_model  # noqa: E402
-
-
-def compiled_copy(name: str, options: dict):
-    """`decode_step` compiled as `decoding.compile_step` does, as a function of its own: Dynamo keeps
-    its compiled versions per code object, so the two versions here must not share one."""
-    _allow_recompiles()
-    copy = types.FunctionType(decode_step.__code__.replace(co_name=name), decode_step.__globals__, name)
-    return torch.compile(copy, fullgraph=True, dynamic=False, options=options)
 
 
 @torch.inference_mode()
@@ -46,8 +37,9 @@ def main() -> None:
     use_cpu_threads()
     fast = cpu_fast_model(load_model("default", "cpu", progress=lambda _: None)[0])
     guarded = {key: value for key, value in CPU_COMPILE_OPTIONS.items() if key != "guard_filter_fn"}
-    versions = {"modules guarded": compiled_copy("guarded_step", guarded),
-                "no module guards (engine)": compiled_copy("unguarded_step", CPU_COMPILE_OPTIONS)}
+    # Without module guards compile_step compiles a private copy of the step's code, so the two
+    # versions do not share Dynamo's per-code list of compiled versions.
+    versions = {"modules guarded": compile_step(guarded), "no module guards (engine)": compile_step(CPU_COMPILE_OPTIONS)}
     results: dict[tuple[str, int], list[float]] = {}
     for rows in (1, 8):
         cache = fast.new_cache(4, 1024, batch_size=rows)

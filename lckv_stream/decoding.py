@@ -9,7 +9,9 @@ per batch size over one buffer.
 
 from __future__ import annotations
 
+import itertools
 import os
+import types
 from typing import Callable, Iterator
 
 import torch
@@ -41,11 +43,23 @@ def decode_step(model, token_ids: torch.Tensor, cache: SinkWindowCache) -> torch
     return model(token_ids, cache, logits_to_keep=1).logits[:, -1]
 
 
+_PRIVATE_STEPS = itertools.count()
+
+
 def compile_step(options: dict | None = None) -> Callable:
     """`decode_step` compiled by TorchInductor for fixed shapes (compiles on first call per shape)."""
     _allow_recompiles()
-    return torch.compile(decode_step, fullgraph=True, dynamic=False,
-                         options=COMPILE_OPTIONS if options is None else options)
+    options = COMPILE_OPTIONS if options is None else options
+    function = decode_step
+    if "guard_filter_fn" in options:
+        # Dynamo keeps compiled versions per code object, for every caller of that code. Compiled
+        # without guards on the model's modules, a version made for one model could run for another
+        # model's call of the same shapes; a private copy of the code keeps this step's versions its own.
+        # (named apart: Python may hand back an equal code object it already holds)
+        name = f"decode_step_{next(_PRIVATE_STEPS)}"
+        function = types.FunctionType(decode_step.__code__.replace(co_name=name), decode_step.__globals__, name)
+    # a copy: torch.compile takes guard_filter_fn out of the dict it is given
+    return torch.compile(function, fullgraph=True, dynamic=False, options=dict(options))
 
 
 def compile_chunk() -> Callable:
@@ -53,7 +67,7 @@ def compile_chunk() -> Callable:
     every chunk size, each then captured in its own graph; mark the first call's token length
     dynamic with `torch._dynamo.maybe_mark_dynamic(token_ids, 1)`)."""
     _allow_recompiles()
-    return torch.compile(decode_step, fullgraph=True, dynamic=None, options=BATCHED_COMPILE_OPTIONS)
+    return torch.compile(decode_step, fullgraph=True, dynamic=None, options=dict(BATCHED_COMPILE_OPTIONS))
 
 
 def _allow_recompiles() -> None:

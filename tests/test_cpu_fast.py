@@ -178,3 +178,40 @@ def test_work_before_the_engine_runs_on_a_thread_that_has_ended():
 
     with pytest.raises(ValueError, match="model file missing"):
         in_passing_thread(fail)
+
+
+def test_steps_compiled_without_module_guards_do_not_share_compiled_versions():
+    """The CPU step skips Dynamo's guards on the model's modules; Dynamo keeps compiled versions per
+    code object, so each such step compiles a private copy of the step's code (a version made for
+    one model must never answer another model's call of the same shapes)."""
+    from lckv_stream.cpu_fast import CPU_COMPILE_OPTIONS
+    from lckv_stream.decoding import compile_step, decode_step
+
+    codes = [compile_step(CPU_COMPILE_OPTIONS)._torchdynamo_orig_callable.__code__ for _ in range(2)]
+    assert "guard_filter_fn" in CPU_COMPILE_OPTIONS  # torch.compile empties the dict it is given
+    assert codes[0] is not codes[1] and all(code is not decode_step.__code__ for code in codes)
+    guarded = {key: value for key, value in CPU_COMPILE_OPTIONS.items() if key != "guard_filter_fn"}
+    assert compile_step(guarded)._torchdynamo_orig_callable is decode_step
+
+
+@pytest.mark.skipif(os.environ.get("LCKV_COMPILE_TESTS") != "1", reason="compiles two steps (about a minute on "
+                    "two cores): run with LCKV_COMPILE_TESTS=1")
+def test_two_models_of_the_same_shapes_each_get_their_own_compiled_step():
+    """Two models that differ only in a module attribute the graph bakes in (the RMSNorm epsilon), with
+    caches of the same shapes: each model's compiled step gives its own eager step's logits, not a
+    version compiled for the other (whose guards on module attributes are skipped)."""
+    from lckv_stream.cpu_fast import CPU_COMPILE_OPTIONS
+    from lckv_stream.decoding import compile_step, decode_step
+
+    tokens, token = torch.tensor([[5, 9, 11]]), torch.tensor([[7]])
+    for eps in (1e-6, 0.5):
+        torch.manual_seed(0)
+        fast = cpu_fast_model(tiny_model(cla_map(4, 2), hidden_size=64, intermediate_size=128, rms_norm_eps=eps))
+        logits = []
+        for step in (compile_step(CPU_COMPILE_OPTIONS), decode_step):
+            cache = fast.new_cache(2, 24)
+            choose_attention_backend(cache)
+            with torch.inference_mode():
+                fast(tokens, cache)
+                logits.append(step(fast, token, cache))
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4, msg=f"eps {eps}")
