@@ -39,7 +39,8 @@ def main() -> None:
     guarded = {key: value for key, value in CPU_COMPILE_OPTIONS.items() if key != "guard_filter_fn"}
     # Without module guards compile_step compiles a private copy of the step's code, so the two
     # versions do not share Dynamo's per-code list of compiled versions.
-    versions = {"modules guarded": compile_step(guarded), "no module guards (engine)": compile_step(CPU_COMPILE_OPTIONS)}
+    versions = {"modules guarded": compile_step(guarded),
+                "no module guards (engine)": compile_step(CPU_COMPILE_OPTIONS)}
     results: dict[tuple[str, int], list[float]] = {}
     for rows in (1, 8):
         cache = fast.new_cache(4, 1024, batch_size=rows)

@@ -61,7 +61,6 @@ def _chunked(x, w, y, rows, OUTPUTS: tl.constexpr, INPUTS: tl.constexpr, TILE: t
 @triton.jit
 def _whole(x, w, y, rows, OUTPUTS: tl.constexpr, INPUTS: tl.constexpr, TILE: tl.constexpr,
            ROWS: tl.constexpr, CHUNK: tl.constexpr, WIDTH: tl.constexpr):
-    batch = tl.arange(0, ROWS)
     inputs = tl.arange(0, WIDTH)
     inside = inputs < INPUTS
     lanes = tl.arange(0, TILE)

@@ -82,7 +82,7 @@ class StepOptions:
     compiled_classes: tuple[int, ...] | None = None  # None: every class; batch 1 first, then largest
     # The step of the classes it serves (up to fused_step.MAX_ROWS rows) as fused Triton kernels,
     # "persistent" (one launch a step) or "layers" (five a layer), in place of the compiled step; None:
-    # off (not measured on a GPU yet).
+    # off (on an H100 it is slower than the compiled step, bench/RESULTS.md).
     fused_step: str | None = None
     compile_options: dict | None = None  # TorchInductor options (None: decoding.compile_options_for)
     name: str | None = None  # what the eager step is called (the CPU fast path: "CPU, int8")

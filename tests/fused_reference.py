@@ -8,9 +8,8 @@ from lckv_stream import cla_map, lckv_map
 from lckv_stream.decoding import decode_step
 from lckv_stream.fusion import fuse_projections
 
-# (layer map, sink, window, rows' own (sink, window)): the CLA map, a map whose layers read the KV of
-# a layer above them (no diagonal: the first token sees no key there), rows of other sizes in one
-# buffer, a ring that wraps and sinks whose place shifts.
+# The layer maps the checks name: CLA, a map whose layers read the KV of a layer above them (no
+# diagonal: the first token sees no key there), and one KV per layer.
 MAPS = {"cla": cla_map(4, 2), "lckv": lckv_map(4, 1, 1), "plain": None}
 
 
@@ -33,8 +32,9 @@ def check_fused_step(layer_types, mode, sizes, steps, programs=1, device="cpu", 
                      prompt_tokens=7, seed=0) -> float:
     """Feed the same tokens to the eager step and to the fused one, each on its own cache; every
     step's logits and the caches must agree within the dtype's rounding (the fused step keeps the
-    residual stream in float32; the rows that step: the others' logits mean nothing). `sizes`: each row's (sink, window) in one buffer of the largest.
-    Returns the largest logit difference relative to the logits' scale."""
+    residual stream in float32; the rows that step: the others' logits mean nothing). `sizes`: each
+    row's (sink, window) in one buffer of the largest: rows of other sizes, rings that wrap, sinks
+    whose place shifts. Returns the largest logit difference relative to the logits' scale."""
     from lckv_stream.fused_step import FusedStep
 
     model = tiny_fused_model(MAPS.get(layer_types, layer_types), dtype, device)
