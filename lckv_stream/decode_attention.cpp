@@ -65,18 +65,24 @@ LCKV_INLINE __m512 sum16(const __m512* v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], 0x88), _mm512_shuffle_f32x4(octs[0], octs[1], 0xDD));
 }
 
-// Scores of one query row against a block of 16 key slots (0 where a slot is not `seen`; FULL: all are).
-template <int DV, bool FULL, typename KV>
-LCKV_INLINE __m512 block_scores(const __m512* q, const KV* k, __mmask16 seen) {
-    __m512 dots[LANES];
+// Scores of the ROWS query rows against a block of 16 key slots (0 where a slot is not `seen`; FULL:
+// all are): each slot's key is read and widened once for every row, its per-row partial dot products
+// parked in `dots` [ROWS][16 slots][16 lanes], then summed across lanes per row.
+template <int ROWS, int DV, bool FULL, typename KV>
+LCKV_INLINE void block_scores(const __m512 (*q)[DV], const KV* k, __mmask16 seen, __m512* scores) {
+    alignas(64) float dots[ROWS][LANES][LANES];
 #pragma GCC unroll 16
     for (int i = 0; i < LANES; ++i) {
-        __m512 dot = _mm512_setzero_ps();
+        __m512 dot[ROWS];
+        for (int r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_ps();
         if (FULL || (seen >> i & 1))
-            for (int c = 0; c < DV; ++c) dot = _mm512_fmadd_ps(q[c], load16(k + i * DV * LANES + c * LANES), dot);
-        dots[i] = dot;
+            for (int c = 0; c < DV; ++c) {
+                const __m512 key = load16(k + i * DV * LANES + c * LANES);
+                for (int r = 0; r < ROWS; ++r) dot[r] = _mm512_fmadd_ps(q[r][c], key, dot[r]);
+            }
+        for (int r = 0; r < ROWS; ++r) _mm512_store_ps(dots[r][i], dot[r]);
     }
-    return sum16(dots);
+    for (int r = 0; r < ROWS; ++r) scores[r] = sum16(reinterpret_cast<const __m512*>(dots[r]));
 }
 
 // acc[r] += sum over the block's seen slots of weights[r][slot] * value[slot] (weights: row r at r * stride).
@@ -121,13 +127,17 @@ void attend_split(const float* query, const KV* keys, const KV* head_keys, int64
         const __m128i flags = _mm_maskz_loadu_epi8(inside, visible + j);
         const __mmask16 mask = seen[b] = _mm_test_epi8_mask(flags, flags);
         if (!mask) continue;  // empty slots or the window's far side: no bytes read
+        const KV* k = j < head ? head_keys + j * DIM : keys + j * DIM;  // blocks of 16: never both
+        __m512 s[ROWS];
+        if (mask == 0xFFFF) {
+            block_scores<ROWS, DV, true>(q, k, mask, s);
+        } else {
+            block_scores<ROWS, DV, false>(q, k, mask, s);
+            for (int r = 0; r < ROWS; ++r) s[r] = _mm512_mask_blend_ps(mask, _mm512_set1_ps(NEG_INF), s[r]);
+        }
         for (int r = 0; r < ROWS; ++r) {
-            const KV* k = j < head ? head_keys + j * DIM : keys + j * DIM;  // blocks of 16: never both
-            const __m512 s = mask == 0xFFFF ? block_scores<DV, true>(q[r], k, mask)
-                                            : _mm512_mask_blend_ps(mask, _mm512_set1_ps(NEG_INF),
-                                                                   block_scores<DV, false>(q[r], k, mask));
-            top[r] = _mm512_max_ps(top[r], s);
-            _mm512_store_ps(scores[r] + b * LANES, s);
+            top[r] = _mm512_max_ps(top[r], s[r]);
+            _mm512_store_ps(scores[r] + b * LANES, s[r]);
         }
     }
     __m512 acc[ROWS][DV];
@@ -193,6 +203,36 @@ LCKV_INLINE float element(const void* data, bool half, int64_t index) {
     return half ? float(static_cast<const at::BFloat16*>(data)[index]) : static_cast<const float*>(data)[index];
 }
 
+LCKV_INLINE void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+LCKV_INLINE void store16(at::BFloat16* p, __m512 v) {  // rounded to nearest even, as at::BFloat16(float)
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// One sink key x rotated to its place: x cos + rotate_half(x) sin (the Llama convention), 16 lanes at
+// a time (half a multiple of 16), each product rounded before the sum as in the scalar loop.
+template <typename KV, typename RAW, typename ANGLE>
+void rotate_key(const RAW* x, const ANGLE* cos, const ANGLE* sin, int64_t half, KV* y) {
+    for (int64_t d = 0; d < half; d += LANES) {
+        const __m512 low = load16(x + d), high = load16(x + half + d);
+        store16(y + d, _mm512_sub_ps(_mm512_mul_ps(low, load16(cos + d)), _mm512_mul_ps(high, load16(sin + d))));
+        store16(y + half + d,
+                _mm512_add_ps(_mm512_mul_ps(high, load16(cos + half + d)), _mm512_mul_ps(low, load16(sin + half + d))));
+    }
+}
+
+template <typename KV, typename RAW>
+void rotate_key(const RAW* x, const void* cos, const void* sin, bool angle_half, int64_t half, KV* y) {
+    if (angle_half)
+        rotate_key(x, static_cast<const at::BFloat16*>(cos), static_cast<const at::BFloat16*>(sin), half, y);
+    else
+        rotate_key(x, static_cast<const float*>(cos), static_cast<const float*>(sin), half, y);
+}
+
 // The first `head` slots' keys (whole blocks of 16) of every (row, KV head) into `out` [batch,
 // kv_heads, head, dim] in the keys' type KV, with the sink slots' keys rotated here from the raw sink
 // keys [batch, kv_heads, sink, dim] at their place in the row's cache frame (cos/sin [batch, sink,
@@ -205,6 +245,7 @@ void rotated_head(const KV* keys, int64_t batch, int64_t heads, int64_t slots, i
     const int64_t sink = sink_keys.size(2), half = dim / 2;
     const bool raw_half = sink_keys.scalar_type() == at::kBFloat16, angle_half = cos.scalar_type() == at::kBFloat16;
     const void *rp = sink_keys.data_ptr(), *cp = cos.data_ptr(), *sp = sin.data_ptr();
+    const int64_t angle_size = angle_half ? 2 : 4;
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < heads; ++h) {
             const int64_t pair = b * heads + h;
@@ -212,10 +253,20 @@ void rotated_head(const KV* keys, int64_t batch, int64_t heads, int64_t slots, i
             std::copy(keys + pair * slots * dim + sink * dim, keys + pair * slots * dim + head * dim, y + sink * dim);
             for (int64_t s = 0; s < sink; ++s) {
                 const int64_t x = (pair * sink + s) * dim, a = (b * sink + s) * dim;
+                if (half % LANES == 0) {
+                    const void* c = static_cast<const char*>(cp) + a * angle_size;
+                    const void* n = static_cast<const char*>(sp) + a * angle_size;
+                    if (raw_half)
+                        rotate_key(static_cast<const at::BFloat16*>(rp) + x, c, n, angle_half, half, y + s * dim);
+                    else
+                        rotate_key(static_cast<const float*>(rp) + x, c, n, angle_half, half, y + s * dim);
+                    continue;
+                }
                 for (int64_t d = 0; d < dim; ++d) {  // x cos + rotate_half(x) sin (the Llama convention)
                     const float partner = d < half ? -element(rp, raw_half, x + d + half) : element(rp, raw_half, x + d - half);
-                    y[s * dim + d] = KV(element(rp, raw_half, x + d) * element(cp, angle_half, a + d)
-                                        + partner * element(sp, angle_half, a + d));
+                    const float product = element(rp, raw_half, x + d) * element(cp, angle_half, a + d);
+                    const float other = partner * element(sp, angle_half, a + d);
+                    y[s * dim + d] = KV(product + other);
                 }
             }
         }
