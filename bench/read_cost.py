@@ -55,6 +55,8 @@ def main() -> None:
     bucket = engine._buckets[bucket_shape(4, 1024)]
     decoder = bucket._prefill_decoder
     print(f"device {model.device}; prefill decoder: {decoder.name if decoder else 'eager'}")
+    for what, error in bucket.compile_errors.items():
+        print(f"--- {what} did not compile or install:\n{error}\n---")
     row = engine.open_row(4, 1024, seed=0)
     print("| what | ms |\n|---|---|")
     for count in (20, 20, 100, 16, 4):

@@ -142,6 +142,8 @@ class Bucket:
                                   if device.type == "cuda" else [])
         self._host_tokens: list[torch.Tensor] = []
         self._prefill_decoder = None
+        # What failed to compile or install, in full (names carry only the start): for logs and tests.
+        self.compile_errors: dict[str, str] = {}
         self.graphs = False  # captured yet (eager until then)
         self.upgrade()
         if options.compile and not options.graphs and compiler is not None:
@@ -305,6 +307,7 @@ class Bucket:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     self._prefill_decoder.install_prefill(size, function)
             except Exception as error:
+                self.compile_errors[f"{size}-token prefill chunk"] = str(error)
                 self._prefill_decoder.name += f" (compiled {size}-token chunk failed: {str(error)[:80]})"
                 continue
             self.counters.graphs_captured += 1
@@ -336,10 +339,12 @@ class Bucket:
 
     def prefill_compile_failed(self, reason: str) -> None:
         """The plain prefill chunks keep serving; the prefill decoder's name says why."""
+        self.compile_errors["prefill chunks"] = reason
         self._prefill_decoder.name += f" (compiling the prefill chunks failed: {reason[:80]})"
 
     def compile_failed(self, size: int, reason: str) -> None:
         """Class `size` keeps its plain graph (or eager step); its name says why."""
+        self.compile_errors[f"step of class {size}"] = reason
         self.decoder(size).name += f" (compile failed: {reason[:80]})"
         self._compiled[size] = False
 

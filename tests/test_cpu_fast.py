@@ -215,3 +215,34 @@ def test_two_models_of_the_same_shapes_each_get_their_own_compiled_step():
                 fast(tokens, cache)
                 logits.append(step(fast, token, cache))
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4, msg=f"eps {eps}")
+
+
+def test_a_failed_compile_keeps_the_eager_step_and_its_whole_error(monkeypatch, tokenizer):
+    """A step that does not compile leaves the eager step serving: its name gives the start of the
+    error, and the bucket keeps the whole text (a compiler's message names the line only at its end)."""
+    from lckv_stream import buckets
+
+    reason = "no compiler here: " + "x" * 200 + " (the culprit, at the end)"
+
+    def failing_compile(options=None):
+        def step(*args):
+            raise RuntimeError(reason)
+        return step
+
+    monkeypatch.setattr(buckets, "compile_step", failing_compile)
+    model = tiny_model(cla_map(2, 2), num_layers=2, hidden_size=64, intermediate_size=128, vocab_size=len(tokenizer))
+    engine = Engine(model, EngineSettings(max_batch=2, cpu_fast=True, compile=True, compiled_classes=(1,)))
+    try:
+        chat = ChatSession(model, tokenizer, cache_settings=CacheSettings(2, 24), sampling=GREEDY, engine=engine)
+        first = next(e for e in chat.send("Hello there") if isinstance(e, TurnEnd)).reply
+        started = time.monotonic()
+        while engine.stats().compiling and time.monotonic() - started < 60:
+            time.sleep(0.05)
+        chat.clear()
+        again = next(e for e in chat.send("Hello there") if isinstance(e, TurnEnd)).reply
+        bucket = next(iter(engine._buckets.values()))
+        assert bucket.compile_errors == {"step of class 1": reason}
+        assert f"compile failed: {reason[:80]}" in chat.stats().decoder
+        assert again == first  # the eager step still serves, as before
+    finally:
+        engine.close()
