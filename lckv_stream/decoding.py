@@ -50,14 +50,10 @@ def compile_step(options: dict | None = None) -> Callable:
     """`decode_step` compiled by TorchInductor for fixed shapes (compiles on first call per shape)."""
     _allow_recompiles()
     options = COMPILE_OPTIONS if options is None else options
-    function = decode_step
-    if "guard_filter_fn" in options:
-        # Dynamo keeps compiled versions per code object, for every caller of that code. Compiled
-        # without guards on the model's modules, a version made for one model could run for another
-        # model's call of the same shapes; a private copy of the code keeps this step's versions its own.
-        # (named apart: Python may hand back an equal code object it already holds)
-        name = f"decode_step_{next(_PRIVATE_STEPS)}"
-        function = types.FunctionType(decode_step.__code__.replace(co_name=name), decode_step.__globals__, name)
+    # Dynamo keeps compiled versions per code object, for every caller of that code. Compiled
+    # without guards on the model's modules, a version made for one model could run for another
+    # model's call of the same shapes; a private copy of the code keeps this step's versions its own.
+    function = _private_copy(decode_step) if "guard_filter_fn" in options else decode_step
     # a copy: torch.compile takes guard_filter_fn out of the dict it is given
     return torch.compile(function, fullgraph=True, dynamic=False, options=dict(options))
 
@@ -65,9 +61,19 @@ def compile_step(options: dict | None = None) -> Callable:
 def compile_chunk() -> Callable:
     """`decode_step` compiled for prefill chunks of any length (2 tokens or more: one compile serves
     every chunk size, each then captured in its own graph; mark the first call's token length
-    dynamic with `torch._dynamo.maybe_mark_dynamic(token_ids, 1)`)."""
+    dynamic with `torch._dynamo.maybe_mark_dynamic(token_ids, 1)`). On a private copy of its code:
+    Dynamo's record of which sizes changed between calls is per code object too, and the steps'
+    fixed-shape versions (one per batch size) must not make the chunk's batch size a symbol."""
     _allow_recompiles()
-    return torch.compile(decode_step, fullgraph=True, dynamic=None, options=dict(BATCHED_COMPILE_OPTIONS))
+    return torch.compile(_private_copy(decode_step), fullgraph=True, dynamic=None,
+                         options=dict(BATCHED_COMPILE_OPTIONS))
+
+
+def _private_copy(function: Callable) -> Callable:
+    """`function` with its own copy of its code (named apart: Python may hand back an equal code
+    object it already holds), so that what Dynamo keeps per code object is this copy's alone."""
+    name = f"{function.__name__}_{next(_PRIVATE_STEPS)}"
+    return types.FunctionType(function.__code__.replace(co_name=name), function.__globals__, name)
 
 
 def _allow_recompiles() -> None:

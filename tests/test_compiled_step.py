@@ -80,10 +80,15 @@ def test_prefill_chunks_compiled_once_follow_the_eager_chunks_at_every_length():
     logits and cache. (A map that reads from above iterates its prefill: its compile takes minutes
     even for this tiny model, so the default model's kind of map is the one tested.)"""
     from lckv_stream.buckets import Bucket, Counters, SideCompiler, StepOptions
-    from lckv_stream.decoding import PREFILL_GRAPH_SIZES, decode_step
+    from lckv_stream.decoding import PREFILL_GRAPH_SIZES, compile_step, decode_step
 
     model = tiny_model(cla_map(4, 2))
     buckets = [Bucket(model, 4, 256, rows=2, options=StepOptions(), counters=Counters()) for _ in range(2)]
+    # As on a GPU: the fixed-shape steps of two batch sizes compile first (options without
+    # guard_filter_fn: the public decode_step's own code).
+    for batch in (1, 2):
+        with torch.inference_mode():
+            compile_step({})(model, torch.zeros(batch, 1, dtype=torch.long), model.new_cache(4, 256, batch_size=batch))
     compiled = SideCompiler()._compile_prefill(buckets[0], 0)
     assert callable(compiled), compiled
     for bucket in buckets:  # a row smaller than the bucket: the compile saw the bucket's own size
