@@ -82,23 +82,28 @@ def rotate(x, cos, sin):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("sink, slots", [(16, 300), (4, 40), (20, 600), (16, 16)])
-def test_sink_keys_rotated_in_the_kernel_replace_the_caches_sink_slots(dtype, sink, slots):
+@pytest.mark.parametrize("sink, slots, dim, angle_dtype", [
+    (16, 300, 64, torch.float32), (4, 40, 64, torch.float32), (20, 600, 64, torch.float32), (16, 16, 64, torch.float32),
+    (16, 300, 16, torch.float32),  # half a head under 16 lanes: rotated one element at a time
+    (16, 300, 128, torch.bfloat16), (4, 40, 32, torch.bfloat16),  # angles kept in bfloat16
+])
+def test_sink_keys_rotated_in_the_kernel_replace_the_caches_sink_slots(dtype, sink, slots, dim, angle_dtype):
     """With raw sink keys and their cos/sin, the kernel scores the first `sink` slots against those
     keys rotated (rounded to the cache's dtype as the cache stores keys), whatever the cache's own
     sink slots hold; the other slots are the cache's."""
-    generator = torch.Generator().manual_seed(sink + slots)
-    batch, heads, rows, dim = 3, 3, 3, 64
+    generator = torch.Generator().manual_seed(sink + slots + dim)
+    batch, heads, rows = 3, 3, 3
     query = torch.randn(batch, heads, rows, dim, generator=generator)
     keys = (3 * torch.randn(batch, heads, slots, dim, generator=generator)).to(dtype)
     values = torch.randn(batch, heads, slots, dim, generator=generator).to(dtype)
     raw = (3 * torch.randn(batch, heads, sink, dim, generator=generator)).to(dtype)
     angles = torch.rand(batch, sink, dim // 2, generator=generator) * 6.28
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cos, sin = (torch.cat((angles, angles), -1).cos().to(angle_dtype),
+                torch.cat((angles, angles), -1).sin().to(angle_dtype))
     stale = keys.clone()
     stale[:, :, :sink] = 1000.0  # what the cache's sink slots hold must not matter
     expected_keys = keys.clone()
-    expected_keys[:, :, :sink] = rotate(raw.float(), cos, sin).to(dtype)
+    expected_keys[:, :, :sink] = rotate(raw.float(), cos.float(), sin.float()).to(dtype)
     for name, visible in masks(batch, slots, generator).items():
         got = torch.ops.lckv.decode_attention(query, stale, values, visible, raw, cos, sin)
         want = reference(query, expected_keys.float(), values.float(), visible)
