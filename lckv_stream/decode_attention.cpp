@@ -245,7 +245,7 @@ void rotated_head(const KV* keys, int64_t batch, int64_t heads, int64_t slots, i
     const int64_t sink = sink_keys.size(2), half = dim / 2;
     const bool raw_half = sink_keys.scalar_type() == at::kBFloat16, angle_half = cos.scalar_type() == at::kBFloat16;
     const void *rp = sink_keys.data_ptr(), *cp = cos.data_ptr(), *sp = sin.data_ptr();
-    const int64_t angle_size = angle_half ? 2 : 4;
+    const int64_t angle_size = cos.element_size();
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < heads; ++h) {
             const int64_t pair = b * heads + h;

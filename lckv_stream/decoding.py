@@ -43,7 +43,7 @@ def decode_step(model, token_ids: torch.Tensor, cache: SinkWindowCache) -> torch
     return model(token_ids, cache, logits_to_keep=1).logits[:, -1]
 
 
-_PRIVATE_STEPS = itertools.count()
+_PRIVATE_COPIES = itertools.count()
 
 
 def compile_step(options: dict | None = None) -> Callable:
@@ -72,7 +72,7 @@ def compile_chunk() -> Callable:
 def _private_copy(function: Callable) -> Callable:
     """`function` with its own copy of its code (named apart: Python may hand back an equal code
     object it already holds), so that what Dynamo keeps per code object is this copy's alone."""
-    name = f"{function.__name__}_{next(_PRIVATE_STEPS)}"
+    name = f"{function.__name__}_{next(_PRIVATE_COPIES)}"
     return types.FunctionType(function.__code__.replace(co_name=name), function.__globals__, name)
 
 
