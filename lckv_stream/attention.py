@@ -172,7 +172,7 @@ class ForwardContext:
             cache.write_token(layer, self.ring_slot if cache.on_ring(layer) else self.slot, keys, raw_keys, values)
             self.produced[layer] = ProducedKV(cache.layer_keys(layer), cache.layer_values(layer))
         else:
-            columns = self.columns[cache.on_ring(layer)]
+            columns = self.cached_columns(cache.on_ring(layer))
             self.produced[layer] = ProducedKV(
                 torch.cat((cache.layer_keys(layer)[:, :, :columns], keys), dim=2),
                 torch.cat((cache.layer_values(layer)[:, :, :columns], values), dim=2),
@@ -253,13 +253,18 @@ class ForwardContext:
             self.sliding_window if sliding else 0, no_diagonal,
         )
 
+    def cached_columns(self, ring: bool) -> int:
+        """A chunk's cached key columns in the full buffers, or the ring's with `ring` (not a bool index
+        into `columns`: torch 2.11's compiler raises on one, and the chunk's compile fails)."""
+        return self.columns[1] if ring else self.columns[0]
+
     def _key_index(self, ring: bool = False) -> torch.Tensor:
         """Stream index of each key column: the cache's slots (the ring's with `ring`), then the new tokens."""
         cache = self.cache
         cached = cache.ring_index if ring else cache.token_index
         if self.slot is not None:
             return cached
-        return torch.cat((cached[:, : self.columns[ring]], self.query_index), dim=1)
+        return torch.cat((cached[:, : self.cached_columns(ring)], self.query_index), dim=1)
 
     def _mask(self, no_diagonal: bool, sliding: bool, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Visibility [batch, 1, groups*T, keys] (heads folded) and whether each row sees any key;
@@ -306,7 +311,7 @@ class ForwardContext:
         if ring not in self._sink_plans:
             cache = self.cache
             device = self.query_index.device
-            capacity = self.columns[ring]  # where the new tokens' columns start
+            capacity = self.cached_columns(ring)  # where the new tokens' columns start
             new_sinks = min(cache.sink + self.most_padding, self.steps)  # a row's sinks follow its padding
             columns = torch.cat((torch.arange(cache.sink, device=device),
                                  torch.arange(capacity, capacity + new_sinks, device=device)))
