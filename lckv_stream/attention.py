@@ -173,9 +173,11 @@ class ForwardContext:
             self.produced[layer] = ProducedKV(cache.layer_keys(layer), cache.layer_values(layer))
         else:
             columns = self.cached_columns(cache.on_ring(layer))
+            # In the cache's dtype: a cache more compact than the activations (the CPU fast path) is
+            # attended in its own dtype, not widened slot by slot for every chunk.
             self.produced[layer] = ProducedKV(
-                torch.cat((cache.layer_keys(layer)[:, :, :columns], keys), dim=2),
-                torch.cat((cache.layer_values(layer)[:, :, :columns], values), dim=2),
+                torch.cat((cache.layer_keys(layer)[:, :, :columns], keys.to(cache.dtype)), dim=2),
+                torch.cat((cache.layer_values(layer)[:, :, :columns], values.to(cache.dtype)), dim=2),
                 keys, raw_keys, values,
             )
 
@@ -224,7 +226,13 @@ class ForwardContext:
             sinks = (cache.sink_keys[cache.row(source)], self.sink_cos, self.sink_sin) if cache.sink else ()
             out = torch.ops.lckv.decode_attention(folded, kv.keys, kv.values, mask[:, 0, 0], *sinks)
             return _unfold_heads(out, self.groups)  # rows that see no key are zeros already
-        # A cache kept in a more compact dtype than the activations (the CPU fast path) is read in theirs.
+        if self.slot is None and self.sink_query_cos is None:
+            # A chunk: in the KV's dtype (a cache more compact than the activations, the CPU fast
+            # path's, is not widened: half the bytes, and torch's attention kernel is quicker on it).
+            out = F.scaled_dot_product_attention(folded.to(kv.keys.dtype), kv.keys, kv.values,
+                                                 attn_mask=mask).to(folded.dtype)
+            return _unfold_heads(out.masked_fill(~has_key, 0.0), self.groups)
+        # A cache kept in a more compact dtype than the activations is read in theirs.
         keys, values = kv.keys.to(folded.dtype), kv.values.to(folded.dtype)
         if self.slot is not None and query.device.type in SPLIT_DECODE_DEVICES and torch.compiler.is_compiling():
             out = _decode_attention(folded, keys, values, mask)
@@ -296,12 +304,12 @@ class ForwardContext:
         cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
         sink_keys = torch.cat((cached_sinks, kv.new_keys[:, :, : columns.numel() - cache.sink]), dim=2)
         scale = query.shape[-1] ** -0.5
-        scores = torch.matmul(query, kv.keys.transpose(-1, -2)) * scale
+        scores = torch.matmul(query, kv.keys.to(query.dtype).transpose(-1, -2)) * scale
         sink_scores = torch.matmul(sink_query, sink_keys.transpose(-1, -2)) * scale
         scores[..., columns] = torch.where(is_sink, sink_scores, scores[..., columns])
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
-        return torch.matmul(probs, kv.values)
+        return torch.matmul(probs, kv.values.to(query.dtype))
 
     def _sink_columns(self, ring: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For re-scoring, once per call and buffer length: the key columns that may hold a sink (the
