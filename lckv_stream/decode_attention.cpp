@@ -104,6 +104,11 @@ LCKV_INLINE void block_values(__m512 (*acc)[DV], const float* weights, int64_t s
     }
 }
 
+LCKV_INLINE void prefetch_block(const void* start, int64_t bytes) {
+    const char* p = static_cast<const char*>(start);
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+}
+
 // One split: slots [begin, end) (at most SPLIT) of one (row, KV head) for its ROWS query rows
 // (already scaled by 1/sqrt(dim)), in two passes: the scores of every slot (the keys read once), then
 // the weighted sum of the values (read once). No rescaling inside a split, and the blocks of a pass
@@ -128,6 +133,10 @@ void attend_split(const float* query, const KV* keys, const KV* head_keys, int64
         const __mmask16 mask = seen[b] = _mm_test_epi8_mask(flags, flags);
         if (!mask) continue;  // empty slots or the window's far side: no bytes read
         const KV* k = j < head ? head_keys + j * DIM : keys + j * DIM;  // blocks of 16: never both
+        // The block's values are read in the second pass: fetched now, while the scores compute,
+        // they come from the near caches then (a batched step's rows overflow them between layers).
+        prefetch_block(values + j * DIM, LANES * DIM * sizeof(KV));
+        if (j + LANES < end && j + LANES >= head) prefetch_block(keys + (j + LANES) * DIM, LANES * DIM * sizeof(KV));
         __m512 s[ROWS];
         if (mask == 0xFFFF) {
             block_scores<ROWS, DV, true>(q, k, mask, s);
