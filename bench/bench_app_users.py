@@ -85,7 +85,9 @@ def run(url: str, users: int, turns: int, max_new_tokens: int, tag: str) -> dict
     tokens = sum(r["tokens"] for r in results)
     turns_seen = [turn for r in results for turn in r["timeline"]]
     phases = {key: statistics.median(turn[key] or 0.0 for turn in turns_seen) for key in turns_seen[0]}
+    server = max((r["numbers"] for r in results), key=lambda numbers: numbers["sessions_open"])
     return {"users": users, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "server": {key: server[key] for key in ("sessions_open", "engine", "process_rss_mb")},
             "steps": sorted({r["numbers"]["decoder"] for r in results}), "turn_medians": phases,
             "timelines": [r["timeline"] for r in results]}
 
@@ -121,8 +123,11 @@ def main() -> None:
             for users in [1, *args.users]:
                 rows.append(run(url, users, args.turns, args.max_new_tokens, f"{repeat}"))
                 phases = ", ".join(f"{key} {value:.0f}" for key, value in rows[-1]["turn_medians"].items())
+                server = rows[-1]["server"]
                 print(f"  {users} user(s): {rows[-1]['tokens_per_s']:.1f} tokens/s ({'; '.join(rows[-1]['steps'])}); "
-                      f"a turn's medians: {phases}", flush=True)
+                      f"a turn's medians: {phases}; server: {server['sessions_open']} sessions open, "
+                      f"rows on the device {server['engine']['rows_on_device']}, on the host "
+                      f"{server['engine']['rows_on_host']}, {server['process_rss_mb']:.0f} MB", flush=True)
     alone = statistics.median(r["tokens_per_s"] for r in rows if r["users"] == 1)
     print(f"\nModel {args.model}; {args.turns} turns of {args.max_new_tokens} new tokens per user; "
           f"medians of {args.repeats} interleaved runs")

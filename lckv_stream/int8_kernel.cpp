@@ -88,6 +88,7 @@ constexpr int TOKENS = 8;  // activation rows per tile: each weight load serves 
 // the same floats: a row's result does not depend on which path or which rows beside it.
 constexpr int AMX_ROWS = 16;    // activation rows per tile
 constexpr int AMX_GROUPS = 2;   // weight row groups per activation tile load
+constexpr int64_t AMX_AHEAD = 2;  // blocks of weights fetched ahead
 constexpr int64_t AMX_MIN_ROWS = 4;  // fewer rows: VNNI (measured: bench/RESULTS.md, int8 products)
 
 struct alignas(64) TileConfig {
@@ -142,6 +143,11 @@ void amx_tile(const uint8_t* q, const float* xs, const int8_t* w, const int32_t*
     const int8_t* weights = w + group * 16 * k_total;
     const int32_t* offsets = sums + group * blocks * 16;
     for (int64_t b = 0; b < blocks; ++b) {
+        // The weights stream from memory once per step: ask for blocks ahead while this one computes.
+        if (b + AMX_AHEAD < blocks)
+            for (int g = 0; g < count; ++g)
+                for (int line = 0; line < BLOCK * 16; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(weights + (g * k_total + (b + AMX_AHEAD) * BLOCK) * 16) + line, _MM_HINT_T0);
         _tile_loadd(0, q + m0 * k_total + b * BLOCK, k_total);
         _tile_loadd(3, offsets + b * 16, 0);
         _tile_loadd(1, weights + b * BLOCK * 16, 64);
