@@ -274,6 +274,33 @@ def test_rows_read_together_follow_each_row_read_alone():
         assert engine.held_indices(rows[i]) == held[i]
 
 
+def test_prefill_chunks_compile_on_the_gpu_after_the_steps():
+    """The side compiler's prefill chunk compile on CUDA (the chunk length a symbol), after two
+    fixed-shape steps of the same code, as an engine compiles them: it compiles (torch 2.11's
+    compiler once refused the attention's bool index here) and follows the eager chunks."""
+    from lckv_stream.buckets import Bucket, Counters, SideCompiler, StepOptions
+    from lckv_stream.decoding import compile_step, decode_step
+
+    model = smollm_shaped(cla_map(30, 2))
+    buckets = [Bucket(model, 4, 252, rows=2, options=StepOptions(), counters=Counters()) for _ in range(2)]
+    for batch in (1, 2):
+        with torch.inference_mode():
+            cache = model.new_cache(4, 252, batch_size=batch)
+            compile_step({})(model, torch.zeros(batch, 1, dtype=torch.long, device="cuda"), cache)
+    compiled = SideCompiler()._compile_prefill(buckets[0], 0)
+    assert callable(compiled), compiled
+    compiled_row, eager_row = (bucket.cache.rows(bucket.spare, bucket.spare + 1) for bucket in buckets)
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for size in (64, 16, 4, 40):
+            ids = torch.randint(0, 49152, (1, size), device="cuda")
+            with torch.compiler.set_stance("fail_on_recompile"):
+                got = compiled(model, ids, compiled_row)
+            expected = decode_step(model, ids, eager_row)
+            assert (got.float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max(), size
+            assert compiled_row.held_indices(0) == eager_row.held_indices(0)
+
+
 def test_engine_compiles_on_the_side_and_installs_the_compiled_steps():
     """At start the default bucket is captured with plain graphs and served at once; the compiled
     steps, sampler and prefill chunks (64, 16 and 4 tokens for a 252-slot window) replace them as
