@@ -231,16 +231,16 @@ class ForwardContext:
             # path's, is not widened: half the bytes, and torch's attention kernel is quicker on it).
             out = F.scaled_dot_product_attention(folded.to(kv.keys.dtype), kv.keys, kv.values,
                                                  attn_mask=mask).to(folded.dtype)
-            return _unfold_heads(out.masked_fill(~has_key, 0.0), self.groups)
-        # A cache kept in a more compact dtype than the activations is read in theirs.
-        keys, values = kv.keys.to(folded.dtype), kv.values.to(folded.dtype)
-        if self.slot is not None and query.device.type in SPLIT_DECODE_DEVICES and torch.compiler.is_compiling():
-            out = _decode_attention(folded, keys, values, mask)
-        elif self.sink_query_cos is None:
-            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
-        else:
+        elif self.slot is None:  # a chunk that overflows the cache (it reads the KV in its own way)
             sink_query = _fold_heads(apply_rope(query, self.sink_query_cos, self.sink_query_sin), self.groups)
             out = self._attention_with_sink_rescore(folded, sink_query, source, mask)
+        else:
+            # One token: a cache kept in a more compact dtype than the activations is read in theirs.
+            keys, values = kv.keys.to(folded.dtype), kv.values.to(folded.dtype)
+            if query.device.type in SPLIT_DECODE_DEVICES and torch.compiler.is_compiling():
+                out = _decode_attention(folded, keys, values, mask)
+            else:
+                out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
         out = out.masked_fill(~has_key, 0.0)  # a query that sees no key gets a zero output
         return _unfold_heads(out, self.groups)
 
