@@ -14,6 +14,7 @@ time, seconds from the on-disk cache), called on the engine's thread while it ha
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import threading
@@ -77,10 +78,10 @@ def main() -> None:
     def measure() -> None:  # on the engine's thread: it owns the rows and the compiled steps
         for size in args.rows:
             decoder = bucket.decoder(size)
-            token = torch.randint(3, 40000, (size, 1), generator=generator)
+            step = functools.partial(decoder.step, torch.randint(3, 40000, (size, 1), generator=generator))
             with torch.inference_mode():
-                ms = timed_ms(lambda: decoder.step(token), args.steps)
-                ops = operations(lambda: decoder.step(token), 10, args.top)
+                ms = timed_ms(step, args.steps)
+                ops = operations(step, 10, args.top)
             report.append(f"\n{size} row(s): {type(decoder).__name__}, {ms:.2f} ms a step (median of {args.steps})")
             report.append("| operation | calls a step | ms a step |\n|---|---|---|")
             report.extend(f"| {name[:90]} | {calls} | {ms:.2f} |" for name, calls, ms in ops)
@@ -92,12 +93,12 @@ def main() -> None:
     # call, then one row alone; wall-clock medians (these write into the rows: measured last).
     for size in sorted({1, max(args.rows)}, reverse=True):
         pieces = [[(11 * i + j) % 40000 + 3 for j in range(args.read_tokens)] for i in range(size)]
-        sequential = engine.step_model.encodes_sequentially(args.read_tokens)
-
-        def read() -> None:
-            engine._call(lambda: bucket.prefill_rows(rows[0].index, pieces, sequential) if size > 1 else
-                         bucket.prefill(rows[0].index, torch.tensor(pieces)))
-
+        if size > 1:
+            sequential = engine.step_model.encodes_sequentially(args.read_tokens)
+            work = functools.partial(bucket.prefill_rows, rows[0].index, pieces, sequential)
+        else:
+            work = functools.partial(bucket.prefill, rows[0].index, torch.tensor(pieces))
+        read = functools.partial(engine._call, work)
         print(f"read {size} x {args.read_tokens} tokens in one call: {timed_ms(read, 5):.1f} ms (median of 5)")
     engine.close()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks that fit one 10-minute call each on a lent H100 (no model files needed: random weights).
 #
-#   tests : every GPU test but one (kernel against a float64 reference, kernel steps against SDPA, graph
+#   tests : every GPU test but the side compiler's (kernel against a float64 reference, kernel steps against SDPA, graph
 #           and compiled step against eager, prefill graphs against eager prefill, the sampler graph
 #           against the eager sampler, two sessions at once against each alone); about 7 minutes
 #   tests-compile : the side compiler's steps, sampler and prefill chunks in an engine, and the chunk
@@ -43,7 +43,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 out=${OUT:-bench/results}/gpu_checks
 case "${1:-}" in
   tests)
-    # Two calls' worth: every test but the side compiler's here, that one (about 5 minutes) in tests-compile.
+    # Two calls' worth: every test but the side compiler's here, those (about 6 minutes) in tests-compile.
     python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py -k "not compiles_on_the_side and not prefill_chunks_compile and not fused" 2>&1 | grep -v Warning
     ;;
   tests-compile)
