@@ -298,30 +298,36 @@ def part_profile(engine: Engine, args) -> dict:
 
 
 def part_resume(engine: Engine, args) -> dict:
+    """Open `args.open` conversations of each length in `args.open_tokens` (short ones; ones that
+    fill the 1,024 window, whose host copies are whole rows), then bring 100 back from host memory."""
     import psutil
 
-    rows = [engine.open_row(4, 1024, seed=i) for i in range(args.open)]
-    for i, row in enumerate(rows):
-        list(engine.prefill(row, [3 + i % 1000, 5, 7, 11, 13, 17, 19, 23], 256, threading.Event()))
-    stats = engine.stats()
-    hosted = [row for row in rows if row.residence == "host"]
-    sample = random.Random(0).sample(hosted, min(100, len(hosted)))
-    times = [engine.make_resident(row) * 1e3 for row in sample]
-    result = {
-        "open": args.open, "on_device": stats.rows_on_device, "on_host": stats.rows_on_host,
-        "dropped": stats.rows_lost, "host_mb": stats.host_mb, "gpu_mb": gpu_mb(),
-        "rss_mb": psutil.Process().memory_info().rss / 2**20,
-        "resume_ms_median": statistics.median(times), "resume_ms_max": max(times),
-        "re_encoded": sum(row.lost for row in rows),
-    }
-    print("| open | on device | on host | dropped | resume ms (median / max) | host MB | GPU MB | RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {result['open']} | {result['on_device']} | {result['on_host']} | {result['dropped']} | "
-          f"{result['resume_ms_median']:.2f} / {result['resume_ms_max']:.2f} | {result['host_mb']:,.0f} | "
-          f"{result['gpu_mb'] or 0:,.0f} | {result['rss_mb']:,.0f} |")
-    for row in rows:
-        engine.close_row(row)
-    return result
+    results = []
+    print("| open | tokens each | on device | on host | dropped | resume ms (median / max) | host MB | GPU MB | RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for length in args.open_tokens:
+        rows = [engine.open_row(4, 1024, seed=i) for i in range(args.open)]
+        for i, row in enumerate(rows):
+            prompt = [3 + (i + k * 7) % 1000 for k in range(length)]
+            list(engine.prefill(row, prompt, 256, threading.Event()))
+        stats = engine.stats()
+        hosted = [row for row in rows if row.residence == "host"]
+        sample = random.Random(0).sample(hosted, min(100, len(hosted)))
+        times = [engine.make_resident(row) * 1e3 for row in sample]
+        result = {
+            "open": args.open, "tokens_each": length, "on_device": stats.rows_on_device,
+            "on_host": stats.rows_on_host, "dropped": stats.rows_lost, "host_mb": stats.host_mb, "gpu_mb": gpu_mb(),
+            "rss_mb": psutil.Process().memory_info().rss / 2**20,
+            "resume_ms_median": statistics.median(times), "resume_ms_max": max(times),
+            "re_encoded": sum(row.lost for row in rows),
+        }
+        results.append(result)
+        print(f"| {result['open']} | {length} | {result['on_device']} | {result['on_host']} | {result['dropped']} | "
+              f"{result['resume_ms_median']:.2f} / {result['resume_ms_max']:.2f} | {result['host_mb']:,.0f} | "
+              f"{result['gpu_mb'] or 0:,.0f} | {result['rss_mb']:,.0f} |")
+        for row in rows:
+            engine.close_row(row)
+    return {"runs": results}
 
 
 def part_soak(engine: Engine, args) -> dict:
@@ -430,6 +436,8 @@ def main() -> None:
     parser.add_argument("--profile-counts", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per conversation")
     parser.add_argument("--open", type=int, default=1000, help="open conversations for the resume part")
+    parser.add_argument("--open-tokens", nargs="+", type=int, default=[8, 1028],
+                        help="tokens each open conversation holds (1,028: sinks and window full, a whole row to copy)")
     parser.add_argument("--soak-conversations", type=int, default=64)
     parser.add_argument("--turns", type=int, default=500)
     parser.add_argument("--soak-seconds", type=float, default=float("inf"),

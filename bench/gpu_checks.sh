@@ -30,8 +30,9 @@
 #           (CONFIGS="whole:16,16,16 chunks:16,16,64"), then its GPU tests with the first; about 6 minutes
 #   fused-products : one product as Triton kernels four ways (the step's chunk loop, unrolled, one
 #           whole-width load, split over the inputs) against cuBLAS, and the grid barrier's cost; 2 minutes
-#   first : a fresh machine's first call: every GPU test (tests/test_gpu.py) in a second process
-#           while `reads --compile` fills the compile cache (the compile is host work); logs under OUT
+#   first : a fresh machine's first call: the GPU tests of `tests` in a second process while
+#           `reads --compile` fills the compile cache (the compile is host work); logs under OUT;
+#           the compile and fused tests are left to `tests-compile` and `fused-tests`
 #   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
 #           (cut after SOAK_S seconds, default 300), then 1-64 conversations against the raw step and
 #           once in mixed buckets (last: their new buckets compile on the side); about 8 minutes
@@ -97,7 +98,9 @@ case "${1:-}" in
     ;;
   first)
     mkdir -p "$out"
-    ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py >"$out/tests_log.txt" 2>&1
+    # Not the compile tests: two processes compiling at once both miss the call's time (2026-12-07).
+    ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py \
+        -k "not compiles_on_the_side and not prefill_chunks_compile and not fused" >"$out/tests_log.txt" 2>&1
       echo "tests exit $?" >>"$out/tests_log.txt" ) &
     timeout 570 python3 bench/read_cost.py --compile 2>&1 | tee "$out/reads_log.txt" || true
     wait

@@ -30,8 +30,9 @@ def synchronize() -> None:
 def timed_ms(function, repeats: int = 50) -> float:
     synchronize()
     began = time.perf_counter()
-    for _ in range(repeats):
-        function()
+    with torch.inference_mode():  # as the engine runs them: graph inputs are inference tensors
+        for _ in range(repeats):
+            function()
     synchronize()
     return (time.perf_counter() - began) / repeats * 1e3
 
@@ -67,6 +68,8 @@ def main() -> None:
     ids = torch.arange(16, device=model.device).view(1, 16)
     if decoder is not None and getattr(decoder, "_prefill_graphs", None):
         print(f"| one captured 16-token chunk | {engine._call(lambda: timed_ms(lambda: decoder._replay_prefill(ids))):.3f} |")
+    print(f"| a row's state to host memory and back (packed) | "
+          f"{engine._call(lambda: timed_ms(lambda: bucket.cache.load_row(1, bucket.cache.row_state(0, pin=model.device.type == 'cuda')))):.3f} |")
     print(f"| a row copied to the spare row | {engine._call(lambda: timed_ms(lambda: bucket.cache.copy_row(0, bucket.spare))):.3f} |")
     print(f"| Bucket.prefill of 16 tokens | {engine._call(lambda: timed_ms(lambda: bucket.prefill(0, ids))):.3f} |")
     engine.close()

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from .packed_state import ALIGN, BLOCK, carve, packed_bytes, specs_of
+
 # Sentinel stream index of an empty slot.
 EMPTY = -1
 
@@ -132,6 +134,8 @@ class SinkWindowCache:
         # kernel) or "cpu" (the CPU one), chosen once by whoever builds the step
         # (attention.choose_attention_backend).
         self.attention_backend = "torch"
+        self._staging: list[torch.Tensor] = []  # shared by row views: packed_state's device block
+        self.stage_transfers: bool | None = None  # see _stages_transfers
 
     @classmethod
     def for_model(
@@ -424,21 +428,31 @@ class SinkWindowCache:
             self._sizes[self._first + row] = list(size)
 
     def row_state(self, row: int, into: dict[str, torch.Tensor] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
-        """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back).
-        Only the slots the row holds are copied (`held`): early in a conversation, a small part."""
+        """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back),
+        packed in one byte block (packed_state.py); `into`: an earlier one whose block is reused
+        when it is large enough. Only the slots the row holds are copied (`held`): early in a
+        conversation, a small part, and the block is no larger than that."""
         view = self.rows(row, row + 1)
-        if into is None:
-            into = {name: torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu", pin_memory=pin)
-                    for name, buffer in view._state(sizes=True)}
-            into["held"] = torch.empty(2, dtype=torch.long, pin_memory=pin)  # slots held: full buffers, ring
         held = view.held_columns(), view.held_columns(ring=True) if self.ring_layers else 0
-        for name, buffer in view._state(sizes=True):
-            part = view._held_part(name, held)
-            into[name][part].copy_(buffer[part], non_blocking=True)
-        into["held"].copy_(torch.tensor(held))
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the copy is read on the host next
-        return into
+        parts = [(name, buffer[view._held_part(name, held)]) for name, buffer in view._state(sizes=True)]
+        specs = [("held", (2,), torch.long)] + [(name, tuple(part.shape), part.dtype) for name, part in parts]
+        size = packed_bytes(specs)
+        block = into.get(BLOCK) if into is not None else None
+        if block is None or block.numel() < size or block.is_pinned() != pin:
+            block = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        state = carve(block, specs)
+        state["held"].copy_(torch.tensor(held))
+        if not self._stages_transfers:
+            torch._foreach_copy_([state[name] for name, _ in parts], [part for _, part in parts])
+        else:  # gathered on the device, then one copy across ("held", known here, is the first ALIGN bytes)
+            staging = self._staging_block(size)
+            staged = carve(staging, specs)
+            torch._foreach_copy_([staged[name] for name, _ in parts], [part for _, part in parts])
+            block[ALIGN:size].copy_(staging[ALIGN:size], non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the copy is read on the host next
+        state[BLOCK] = block
+        return state
 
     def load_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
         """Put a row state (from `row_state`, any row of a cache of the same shape) into `row`. The
@@ -446,11 +460,34 @@ class SinkWindowCache:
         empty, so they are never read."""
         view = self.rows(row, row + 1)
         held = tuple(state["held"].tolist())
-        for name, buffer in view._state(sizes=True):
-            part = view._held_part(name, held)
-            buffer[part].copy_(state[name][part], non_blocking=True)
+        parts = [(name, buffer[view._held_part(name, held)]) for name, buffer in view._state(sizes=True)]
+        if not self._stages_transfers:
+            sources = [state[name] for name, _ in parts]
+        else:  # one copy across into the device's block, then scattered there
+            specs = specs_of(state)
+            size = packed_bytes(specs)
+            staging = self._staging_block(size)
+            staging[ALIGN:size].copy_(state[BLOCK][ALIGN:size], non_blocking=True)
+            staged = carve(staging, specs)
+            sources = [staged[name] for name, _ in parts]
+        torch._foreach_copy_([part for _, part in parts], sources, non_blocking=True)
         sink, window = state["row_sink"].tolist()[0], state["row_window"].tolist()[0]
         self._sizes[self._first + row] = [sink, window]
+
+    @property
+    def _stages_transfers(self) -> bool:
+        """Whether row states cross through the device's byte block (any device but the CPU's own
+        memory; `stage_transfers` set on a cache decides for it, as tests do on a CPU)."""
+        return self.device.type != "cpu" if self.stage_transfers is None else self.stage_transfers
+
+    def _staging_block(self, size: int) -> torch.Tensor:
+        """The device's byte block for packed row states (one per cache; grown on demand). Its uses
+        are ordered on the current stream, so one block serves every copy in turn."""
+        if not self._staging or self._staging[0].numel() < size:
+            whole_row = [("held", (2,), torch.long)] + [(name, (1, *buffer.shape[1:]), buffer.dtype)
+                                                        for name, buffer in self._state(sizes=True)]
+            self._staging[:] = [torch.empty(max(size, packed_bytes(whole_row)), dtype=torch.uint8, device=self.device)]
+        return self._staging[0]
 
     def _held_part(self, name: str, held: tuple[int, int]) -> tuple[slice, ...]:
         """The part of state buffer `name` to copy, given the held slots (full buffers, ring)."""

@@ -37,6 +37,7 @@ from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabl
                        use_cpu_threads)
 from .cpu_threads import in_passing_thread
 from .fused_step import fused_step_mode
+from .packed_state import clone_state, state_bytes
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -587,7 +588,7 @@ class Engine:
         """Copy a device row to host memory and free it."""
         bucket, index = row.bucket, row.index
         state = bucket.cache.row_state(index, pin=self.device.type == "cuda")
-        row.host = HostCopy(state, bucket.shape, row.seen, bucket.row_bytes)
+        row.host = HostCopy(state, bucket.shape, row.seen, state_bytes(state))
         self._host_bytes += row.host.nbytes
         self._free_device_row(row)
         self._enforce_host_budget()
@@ -652,11 +653,11 @@ class Engine:
             bucket = row.bucket
             reuse = into.copy.state if into is not None and into.copy is not None and into.copy.shape == bucket.shape else None
             state = bucket.cache.row_state(row.index, into=reuse, pin=self.device.type == "cuda")
-            copy = HostCopy(state, bucket.shape, row.seen, bucket.row_bytes)
+            copy = HostCopy(state, bucket.shape, row.seen, state_bytes(state))
             if with_logits:
                 logits = bucket.next_logits[row.index].to("cpu", copy=True)
         elif row.host is not None:
-            copy = HostCopy({k: v.clone() for k, v in row.host.state.items()}, row.host.shape, row.seen, row.host.nbytes)
+            copy = HostCopy(clone_state(row.host.state), row.host.shape, row.seen, row.host.nbytes)
         else:
             copy = None
         return RowSnapshot(copy, logits)
@@ -676,7 +677,7 @@ class Engine:
         else:
             if row.host is not None:
                 self._host_bytes -= row.host.nbytes
-            row.host = HostCopy({k: v.clone() for k, v in copy.state.items()}, copy.shape, copy.seen, copy.nbytes)
+            row.host = HostCopy(clone_state(copy.state), copy.shape, copy.seen, copy.nbytes)
             self._host_bytes += copy.nbytes
             if snapshot.logits is not None:  # pending logits need the device row
                 self._make_resident(row)
@@ -945,9 +946,15 @@ def _release_cached_memory() -> None:
 
 def _persistent_compile_cache() -> None:
     """Compiled steps and autotuning results on disk, next to the base model: a restart is fast."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from .base_model import cache_dir
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Importing torch._inductor writes its default (a folder under /tmp) into the environment: that
+    # is no one's choice, and /tmp does not outlast a restart of the machine.
+    if chosen is None or chosen == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 class _RowAccounting:

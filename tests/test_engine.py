@@ -7,6 +7,7 @@ batched with others of other sizes, settings and lengths, joining and leaving mi
 """
 
 import collections
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from lckv_stream import cla_map, lckv_map
 from lckv_stream.buckets import bucket_shape
 import lckv_stream.engine as engine_module
 from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings, JobStream
+from lckv_stream.packed_state import clone_state, state_bytes
 from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
 STOP_IDS = frozenset({2})
@@ -280,18 +282,54 @@ def test_offloaded_rows_come_back_exactly_and_dropped_ones_are_rebuilt_by_their_
 
 def test_past_the_host_budget_the_oldest_idle_rows_are_dropped():
     model = tiny_model(cla_map(4, 2))
-    engine = Engine(model, EngineSettings(max_batch=1, host_mb=0.3, prefill_tokens=16))
+    probe = Engine(model, EngineSettings(max_batch=1, prefill_tokens=16))
+    first, second = probe.open_row(4, 64, seed=0), probe.open_row(4, 64, seed=1)
+    for row in (first, second):
+        list(probe.prefill(row, [5, 6, 7], 16, threading.Event()))
+    copy_mb = probe.stats().host_mb  # the first row's host copy alone
+    assert first.residence == "host" and 0 < copy_mb
+
+    engine = Engine(model, EngineSettings(max_batch=1, host_mb=1.5 * copy_mb, prefill_tokens=16))
     rows = [engine.open_row(4, 64, seed=i) for i in range(4)]
     for row in rows:  # one device row: each new one pushes the previous to the host
         list(engine.prefill(row, [5, 6, 7], 16, threading.Event()))
-    host_row_mb = engine.stats().host_mb
     assert rows[-1].residence == "device"
-    lost = [row for row in rows if row.lost]
-    assert lost and all(row.residence == "none" and row.seen == 0 for row in lost)
-    assert host_row_mb <= 0.3
-    kept = [row for row in rows[:-1] if not row.lost]
-    assert all(row.residence == "host" and row.seen == 3 for row in kept)
-    assert engine.held_indices(kept[0]) == [0, 1, 2]
+    assert [row.lost for row in rows] == [True, True, False, False]  # the budget holds one copy: the oldest go
+    assert all(row.residence == "none" and row.seen == 0 for row in rows[:2])
+    assert engine.stats().host_mb == pytest.approx(copy_mb)
+    assert rows[2].residence == "host" and rows[2].seen == 3
+    assert engine.held_indices(rows[2]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "through-a-device-block"])
+def test_a_host_copy_holds_what_the_row_holds_and_comes_back_exactly(staged):
+    """A short conversation's host copy is a small part of the row's buffers; a full one, all of it.
+    Either comes back bit for bit (keys, values, stream indices, sizes), packed or cloned, copied
+    part by part (a CPU's way) or gathered in a block on the device first (a GPU's)."""
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=2, prefill_tokens=16))
+    short, full = engine.open_row(4, 60, seed=0), engine.open_row(16, 256, seed=1)  # one bucket
+    list(engine.prefill(short, [5, 6, 7], 16, threading.Event()))
+    list(engine.prefill(full, [5 + i % 50 for i in range(300)], 16, threading.Event()))  # every slot held
+    cache = short.bucket.cache
+    cache.stage_transfers = staged
+    before = {name: buffer.clone() for name, buffer in cache._state(sizes=True)}
+    short_copy = cache.row_state(short.index)
+    full_copy = cache.row_state(full.index)
+    assert state_bytes(short_copy) < cache.row_bytes / 5 < cache.row_bytes <= state_bytes(full_copy)
+    for _, buffer in cache._state(sizes=True):
+        buffer.fill_(7)  # every slot overwritten: only the copies know the rows now
+    cache.load_row(short.index, clone_state(short_copy))
+    cache.load_row(full.index, full_copy)
+    assert short.bucket is full.bucket and cache.row_size(full.index) == (16, 256)
+    for name, buffer in cache._state(sizes=True):
+        if name.startswith(("keys", "values")):  # the short row's unheld slots keep whatever they had
+            assert torch.equal(buffer[full.index], before[name][full.index]), name
+            held = short_copy["held"][0]
+            assert torch.equal(buffer[short.index, :, :held], before[name][short.index, :, :held]), name
+        else:  # the bucket's other rows (the spare) are not compared
+            for index in (short.index, full.index):
+                assert torch.equal(buffer[index], before[name][index]), name
 
 
 def test_no_decoder_is_built_on_the_hot_path_after_warm_up():
@@ -385,3 +423,17 @@ def test_a_step_runs_a_larger_compiled_class_rather_than_an_uncompiled_one():
         assert replies == expected_replies
         assert (logits.float() - expected_logits.float()).abs().max() < 1e-4
     assert 8 in steps and set(steps) <= {1, 8}
+
+
+def test_compiled_steps_are_kept_beside_the_base_model_unless_a_folder_was_chosen(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("LCKV_STREAM_CACHE", str(tmp_path))
+    for before, after in ((None, tmp_path / "inductor"), (default_cache_dir(), tmp_path / "inductor"),
+                          ("/srv/compiled", "/srv/compiled")):
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        engine_module._persistent_compile_cache()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(after)
