@@ -2,9 +2,9 @@
 
 A cache row is about seventy buffers (keys, values and sink keys per producer layer, then the
 stream indices and sizes), and only part of each is held early in a conversation. Copied one by
-one, each part is a strided copy: torch stages such a copy through pageable memory, which makes
-every one of them synchronous. Laid out one after another in one block instead (each part
-contiguous there), the device gathers the parts into a block of its own in one pass and the block
+one, each part is a strided copy between host and device, which torch stages through contiguous
+temporaries (on the host side, unpinned memory). Laid out one after another in one block instead
+(each part contiguous there), the device gathers the parts into a block of its own and the block
 crosses to pinned host memory as a single asynchronous copy; coming back, the reverse.
 """
 
