@@ -136,6 +136,7 @@ class SinkWindowCache:
         self.attention_backend = "torch"
         self._staging: list[torch.Tensor] = []  # shared by row views: packed_state's device block
         self.stage_transfers: bool | None = None  # see _stages_transfers
+        self._row_views: dict[int, dict[torch.dtype, list[torch.Tensor]]] = {}  # see _row_buffers
 
     @classmethod
     def for_model(
@@ -173,6 +174,7 @@ class SinkWindowCache:
             setattr(view, name, [v[start:stop] for v in value] if isinstance(value, list) else value[start:stop])
         view.batch_size = stop - start
         view._first = self._first + start
+        view._row_views = {}  # its rows are numbered from `start`
         view._batch_rows = torch.arange(stop - start, device=self.device).view(-1, 1)
         return view
 
@@ -185,6 +187,7 @@ class SinkWindowCache:
             setattr(picked, name, [v.index_select(0, index) for v in value] if isinstance(value, list)
                     else value.index_select(0, index))
         picked.batch_size = index.numel()
+        picked._row_views = {}  # buffers of its own
         picked._sizes = [list(self._sizes[self._first + i]) for i in index.tolist()]
         picked._first = 0
         picked._batch_rows = torch.arange(picked.batch_size, device=self.device).view(-1, 1)
@@ -499,15 +502,27 @@ class SinkWindowCache:
 
     def copy_row(self, source: int, target: int) -> None:
         """Row `target` becomes a copy of row `source` (sizes included), on the device, queued behind
-        the work already queued: no host sync (the sizes come from the host's own copy), and every
-        buffer in one multi-tensor copy instead of a launch per buffer (a read through the spare row
+        the work already queued: no host sync (the sizes come from the host's own copy), and one
+        multi-tensor copy per dtype instead of a launch per buffer (a read through the spare row
         copies a row twice)."""
         if source == target:
             return
-        targets = [buffer for _, buffer in self.rows(target, target + 1)._state(sizes=True)]
-        sources = [buffer for _, buffer in self.rows(source, source + 1)._state(sizes=True)]
-        torch._foreach_copy_(targets, sources, non_blocking=True)
+        sources = self._row_buffers(source)
+        for dtype, targets in self._row_buffers(target).items():
+            torch._foreach_copy_(targets, sources[dtype], non_blocking=True)
         self._sizes[self._first + target] = list(self._sizes[self._first + source])
+
+    def _row_buffers(self, row: int) -> dict[torch.dtype, list[torch.Tensor]]:
+        """Row `row`'s part of every state buffer (sizes included), grouped by dtype: the fused
+        multi-tensor copy takes one dtype at a time. Kept: a row's views never change, and making
+        seventy of them costs more than the copy."""
+        groups = self._row_views.get(row)
+        if groups is None:
+            groups = {}
+            for _, buffer in self._state(sizes=True):
+                groups.setdefault(buffer.dtype, []).append(buffer[row])
+            self._row_views[row] = groups
+        return groups
 
     def _state(self, sizes: bool = False) -> list[tuple[str, torch.Tensor]]:
         """Every buffer of the state, named (per-layer buffers as keys.0, keys.1, ...); with `sizes`,
