@@ -33,9 +33,11 @@
 #   first : a fresh machine's first call: the GPU tests of `tests` in a second process while
 #           `reads --compile` fills the compile cache (the compile is host work); logs under OUT;
 #           the compile and fused tests are left to `tests-compile` and `fused-tests`
-#   serve : on the machine `first` warmed: 1,000 open conversations (resume), the 64 x 500-turn soak
-#           (cut after SOAK_S seconds, default 300), then 1-64 conversations against the raw step and
-#           once in mixed buckets (last: their new buckets compile on the side); about 8 minutes
+#   serve : on the machine `first` warmed: 1,000 open conversations holding 8 tokens each, then
+#           1,000 holding 1,028 (resume), then 1-64 conversations against the raw step and once in
+#           mixed buckets (last: their new buckets compile on the side); about 5 minutes. The soak is
+#           a call of its own: SOAK_S=470 bash bench/gpu_checks.sh soak (500 turns: about 430 s at the
+#           75 turns/s of 2026-12-07)
 # The steps and the prefill chunks compile on the side (steps first): cold, `engine` and `soak`
 # wait about 8 minutes for both; run `reads` (or `first`) first on the machine, or set LCKV_COMPILE_PREFILL=0.
 set -euo pipefail
@@ -108,8 +110,9 @@ case "${1:-}" in
     grep -v Warning "$out/tests_log.txt" | tail -60
     ;;
   serve)
-    python3 -m bench.bench_engine --model random --parts resume soak concurrency --turns 500 \
-      --soak-seconds "${SOAK_S:-300}" --compile-classes 1 8 32 64 --out "$out/engine_serve" 2>&1 | tee "$out/serve_log.txt"
+    mkdir -p "$out"
+    python3 -m bench.bench_engine --model random --parts resume concurrency \
+      --compile-classes 1 8 32 64 --out "$out/engine_serve" 2>&1 | tee "$out/serve_log.txt"
     ;;
   reads)
     python3 bench/read_cost.py
