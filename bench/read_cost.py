@@ -4,6 +4,7 @@ through the spare row makes, and `Bucket.prefill` as a whole.
 
     PYTHONPATH=. python bench/read_cost.py            # random weights of the default model's shape, plain graphs
     PYTHONPATH=. python bench/read_cost.py --compile  # after the side compiler's steps and prefill chunks
+    PYTHONPATH=. python bench/read_cost.py --profile  # also: where a 4- and a 16-token Bucket.prefill spend their time
 
 On a GPU this is what sets how many rows may read in one scheduler iteration while others generate.
 With --compile it also fills the compile cache for the benchmarks run after it on the same machine.
@@ -37,10 +38,35 @@ def timed_ms(function, repeats: int = 50) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
+def profile_prefill(bucket, ids: torch.Tensor, repeats: int = 20) -> None:
+    """The operations and kernels of `repeats` reads of `ids` into row 0, per read: host time
+    (what the engine's thread spends) and device time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    timed_ms(lambda: bucket.prefill(0, ids), repeats=3)  # warm
+    with profile(activities=activities) as prof:
+        timed_ms(lambda: bucket.prefill(0, ids), repeats=repeats)
+    events = prof.key_averages()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n{ids.shape[1]}-token Bucket.prefill, per read ({repeats} reads):")
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA")) / repeats
+    if device == "cuda":
+        print(f"kernels a read: {kernels:.0f}")
+    print("| operation | host ms | device ms | calls |\n|---|---|---|---|")
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:18]:
+        device_us = getattr(event, "self_device_time_total", 0) if device == "cuda" else 0
+        print(f"| {event.key[:70]} | {event.cpu_time_total / 1e3 / repeats:.3f} | {device_us / 1e3 / repeats:.3f} | "
+              f"{event.count / repeats:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true", help="compile as the server does (classes 1, 8, 32, 64)")
     parser.add_argument("--compile-timeout", type=float, default=520)
+    parser.add_argument("--profile", action="store_true", help="profile Bucket.prefill of 4 and 16 tokens (torch.profiler)")
     args = parser.parse_args()
     model = build_model("random")
     began = time.perf_counter()
@@ -72,6 +98,9 @@ def main() -> None:
           f"{engine._call(lambda: timed_ms(lambda: bucket.cache.load_row(1, bucket.cache.row_state(0, pin=model.device.type == 'cuda')))):.3f} |")
     print(f"| a row copied to the spare row | {engine._call(lambda: timed_ms(lambda: bucket.cache.copy_row(0, bucket.spare))):.3f} |")
     print(f"| Bucket.prefill of 16 tokens | {engine._call(lambda: timed_ms(lambda: bucket.prefill(0, ids))):.3f} |")
+    if args.profile:
+        for length in (4, 16):
+            engine._call(lambda length=length: profile_prefill(bucket, ids[:, :length]))
     engine.close()
 
 

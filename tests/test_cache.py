@@ -9,9 +9,19 @@ from reference import streaming_logits
 MAPS = [None, lckv_map(4), cla_map(4, 2), "1_2s_3_3", "0_2s_2s_3"]
 
 
+@pytest.fixture(params=["sink-copies", "re-scoring"])
+def sink_scoring(request, monkeypatch):
+    """A chunk past the window scores its sinks either way on a CPU (the second is the GPU's)."""
+    from lckv_stream import attention
+
+    if request.param == "re-scoring":
+        monkeypatch.setattr(attention, "SINK_COPY_DEVICES", ())
+    return request.param
+
+
 @pytest.mark.parametrize("layer_types", MAPS)
 @pytest.mark.parametrize("sink, window", [(4, 5), (0, 6), (2, 1), (3, 40)])
-def test_streaming_matches_the_slow_reference(layer_types, sink, window):
+def test_streaming_matches_the_slow_reference(layer_types, sink, window, sink_scoring):
     model = tiny_model(layer_types, sliding_window=3)
     ids = torch.randint(0, 300, (22,)).tolist()
     expected, expected_held = streaming_logits(model, ids, sink, window)
@@ -30,7 +40,7 @@ def test_streaming_matches_the_slow_reference(layer_types, sink, window):
 
 
 @pytest.mark.parametrize("layer_types", MAPS)
-def test_chunks_encoded_as_a_captured_call_would_match_the_reference(layer_types, monkeypatch):
+def test_chunks_encoded_as_a_captured_call_would_match_the_reference(layer_types, monkeypatch, sink_scoring):
     """A call captured in a CUDA graph re-scores the sink columns whether or not the chunk overflows
     the cache (the check would need the host); that path alone must give the same logits."""
     from lckv_stream import attention
