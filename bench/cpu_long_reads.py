@@ -16,11 +16,11 @@ import math
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
 
+from bench.read_cost import timed_ms
 from lckv_stream import attention
 from lckv_stream.cpu_fast import cpu_fast_model
 from lckv_stream.engine import Engine, EngineSettings
@@ -41,14 +41,7 @@ def read_times(model, lengths: list[int], rounds: int) -> dict[str, dict[int, fl
             attention.SINK_COPY_DEVICES = devices
             for length in lengths:
                 ids = torch.arange(100, 100 + length).view(1, length)
-
-                def run(repeats: int = 5, ids=ids) -> float:
-                    began = time.perf_counter()
-                    for _ in range(repeats):
-                        bucket.prefill(row.index, ids)
-                    return (time.perf_counter() - began) / repeats * 1e3
-
-                times[way][length].append(engine._call(run))
+                times[way][length].append(engine._call(lambda ids=ids: timed_ms(lambda: bucket.prefill(row.index, ids), 5)))
     engine.close()
     attention.SINK_COPY_DEVICES = WAYS["sink copies"]
     return {way: {n: statistics.median(v) for n, v in by_length.items()} for way, by_length in times.items()}
@@ -61,7 +54,8 @@ def perplexities(model, tokenizer) -> dict[str, dict[str, float]]:
     fast = cpu_fast_model(model)
     result = {}
     for genre in ("fiction", "conversation", "technical"):
-        text = lzma.open(Path("data/broad_eval") / f"{genre}.txt.xz", "rt").read()
+        with lzma.open(Path("data/broad_eval") / f"{genre}.txt.xz", "rt") as handle:
+            text = handle.read()
         ids = torch.tensor(tokenizer(text)["input_ids"][:3072])
         result[genre] = {}
         for way, devices in WAYS.items():

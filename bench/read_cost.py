@@ -43,21 +43,20 @@ def profile_prefill(bucket, ids: torch.Tensor, repeats: int = 20) -> None:
     (what the engine's thread spends) and device time, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     timed_ms(lambda: bucket.prefill(0, ids), repeats=3)  # warm
     with profile(activities=activities) as prof:
         timed_ms(lambda: bucket.prefill(0, ids), repeats=repeats)
     events = prof.key_averages()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\n{ids.shape[1]}-token Bucket.prefill, per read ({repeats} reads):")
-    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                  and str(e.device_type).endswith("CUDA")) / repeats
-    if device == "cuda":
+    if cuda:
+        kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / repeats
         print(f"kernels a read: {kernels:.0f}")
     print("| operation | host ms | device ms | calls |\n|---|---|---|---|")
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:18]:
-        device_us = getattr(event, "self_device_time_total", 0) if device == "cuda" else 0
+        device_us = getattr(event, "self_device_time_total", 0) if cuda else 0
         print(f"| {event.key[:70]} | {event.cpu_time_total / 1e3 / repeats:.3f} | {device_us / 1e3 / repeats:.3f} | "
               f"{event.count / repeats:.1f} |")
 

@@ -303,11 +303,9 @@ class ForwardContext:
     ) -> torch.Tensor:
         """Attention where sink columns are scored in each query's own cache frame."""
         cache = self.cache
-        columns, is_sink, cos, sin = self._sink_columns(cache.on_ring(source))
+        columns, is_sink, _, _ = self._sink_columns(cache.on_ring(source))
         kv = self.produced[source]
-        # Sink keys rotated at their own index s (the query is rotated at t - shift(t)).
-        cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
-        sink_keys = torch.cat((cached_sinks, kv.new_keys[:, :, : columns.numel() - cache.sink]), dim=2)
+        sink_keys = self._sink_keys(source)  # rotated at their own index s (the query at t - shift(t))
         scale = query.shape[-1] ** -0.5
         scores = torch.matmul(query, kv.keys.to(query.dtype).transpose(-1, -2)) * scale
         sink_scores = torch.matmul(sink_query, sink_keys.transpose(-1, -2)) * scale
@@ -327,20 +325,25 @@ class ForwardContext:
         plan = self._sink_copy_plan(mask_key)
         if plan is None:
             return None
-        cache, kv = self.cache, self.produced[source]
+        kv = self.produced[source]
         sinks, columns, shift_cos, shift_sin, mask = plan
         batch, heads, _, dim = query.shape
-        _, _, cos, sin = self._sink_columns(mask_key[2])
-        # The sink keys rotated at their own index s (cached ones are kept raw), then by each query's shift.
-        own = torch.cat((apply_rope(cache.sink_keys[cache.row(source)], cos, sin),
-                         kv.new_keys[:, :, : self._sink_columns(mask_key[2])[0].numel() - cache.sink]), dim=2)
-        own = own[:, :, sinks].to(self.dtype).unsqueeze(2)  # [batch, kv_heads, 1, sinks, dim]
+        # The sink keys rotated at their own index s, then by each query's shift.
+        own = self._sink_keys(source)[:, :, sinks].to(self.dtype).unsqueeze(2)  # [batch, kv_heads, 1, sinks, dim]
         copies = own * shift_cos + rotate_half(own) * shift_sin
         copies = copies.reshape(batch, heads, -1, dim).to(kv.keys.dtype)  # T * sinks columns, T major
         values = kv.values[:, :, columns].unsqueeze(2).expand(-1, -1, self.steps, -1, -1).reshape(batch, heads, -1, dim)
         out = F.scaled_dot_product_attention(query.to(kv.keys.dtype), torch.cat((kv.keys, copies), dim=2),
                                              torch.cat((kv.values, values), dim=2), attn_mask=mask)
         return out.to(query.dtype)
+
+    def _sink_keys(self, source: int) -> torch.Tensor:
+        """The keys of the columns that may hold a sink (`_sink_columns`), each rotated at its own
+        index s: the cached sinks (kept raw) rotated here, then the chunk's new tokens (rotated already)."""
+        cache = self.cache
+        columns, _, cos, sin = self._sink_columns(cache.on_ring(source))
+        cached_sinks = apply_rope(cache.sink_keys[cache.row(source)], cos, sin)
+        return torch.cat((cached_sinks, self.produced[source].new_keys[:, :, : columns.numel() - cache.sink]), dim=2)
 
     def _sink_copy_plan(self, mask_key: tuple[bool, bool, bool]) -> tuple | None:
         """Once per call and mask: which sink columns get copies (those holding a sink in some row),

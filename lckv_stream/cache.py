@@ -438,7 +438,7 @@ class SinkWindowCache:
         view = self.rows(row, row + 1)
         held = view.held_columns(), view.held_columns(ring=True) if self.ring_layers else 0
         parts = [(name, buffer[view._held_part(name, held)]) for name, buffer in view._state(sizes=True)]
-        specs = [("held", (2,), torch.long)] + [(name, tuple(part.shape), part.dtype) for name, part in parts]
+        specs = _packed_specs(parts)
         size = packed_bytes(specs)
         block = into.get(BLOCK) if into is not None else None
         if block is None or block.numel() < size or block.is_pinned() != pin:
@@ -487,9 +487,8 @@ class SinkWindowCache:
         """The device's byte block for packed row states (one per cache; grown on demand). Its uses
         are ordered on the current stream, so one block serves every copy in turn."""
         if not self._staging or self._staging[0].numel() < size:
-            whole_row = [("held", (2,), torch.long)] + [(name, (1, *buffer.shape[1:]), buffer.dtype)
-                                                        for name, buffer in self._state(sizes=True)]
-            self._staging[:] = [torch.empty(max(size, packed_bytes(whole_row)), dtype=torch.uint8, device=self.device)]
+            whole_row = packed_bytes(_packed_specs(self.rows(0, 1)._state(sizes=True)))
+            self._staging[:] = [torch.empty(max(size, whole_row), dtype=torch.uint8, device=self.device)]
         return self._staging[0]
 
     def _held_part(self, name: str, held: tuple[int, int]) -> tuple[slice, ...]:
@@ -597,6 +596,12 @@ def row_stats(cache: SinkWindowCache, row: int, seen: int) -> CacheStats:
         sliding_kv_layers=len(cache.ring_layers),
         sliding_tokens_held=ring_held,
     )
+
+
+def _packed_specs(parts: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The layout of a packed row state (packed_state.py) holding these parts of a row's buffers:
+    the held slot counts first (known on the host; their block is the first ALIGN bytes), then each part."""
+    return [("held", (2,), torch.long)] + [(name, tuple(part.shape), part.dtype) for name, part in parts]
 
 
 _STATE = ("keys", "values", "sink_keys", "token_index", "ring_index", "token_ids", "seen")
