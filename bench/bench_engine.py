@@ -42,6 +42,7 @@ from lckv_stream.memory import freeze_startup_objects
 from lckv_stream.sampling import SamplingSettings
 
 VOCAB = 49152
+STARTED = time.monotonic()  # the process's start, for --wall-seconds
 
 
 def build_model(kind: str):
@@ -335,7 +336,8 @@ def part_soak(engine: Engine, args) -> dict:
     per_turn = [[] for _ in range(turns)]
     memory = []
     errors = []
-    deadline = time.monotonic() + args.soak_seconds  # a soak cut short still reports its turns
+    # a soak cut short still reports its turns; --wall-seconds counts from the process's start
+    deadline = min(time.monotonic() + args.soak_seconds, STARTED + args.wall_seconds)
     done = [0] * count
     began = time.perf_counter()
 
@@ -442,6 +444,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=500)
     parser.add_argument("--soak-seconds", type=float, default=float("inf"),
                         help="end the soak after this long (the turns every conversation finished are reported)")
+    parser.add_argument("--wall-seconds", type=float, default=float("inf"),
+                        help="end the soak this long after the process started (whatever the parts before it took)")
     parser.add_argument("--compile-classes", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--compile-timeout", type=float, default=480)
     parser.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,

@@ -33,6 +33,8 @@
 #   first : a fresh machine's first call: the GPU tests of `tests` in a second process while
 #           `reads --compile` fills the compile cache (the compile is host work); logs under OUT;
 #           the compile and fused tests are left to `tests-compile` and `fused-tests`
+#   resume-soak : on the machine `first` warmed: resume (1,000 open conversations of 1,028 tokens,
+#           then of 8), then 64 conversations x 500 turns until WALL_S (575) seconds from the start
 #   serve : on the machine `first` warmed: 1,000 open conversations holding 8 tokens each, then
 #           1,000 holding 1,028 (resume), then 1-64 conversations against the raw step and once in
 #           mixed buckets (last: their new buckets compile on the side); about 5 minutes. The soak is
@@ -104,7 +106,7 @@ case "${1:-}" in
     ( timeout 570 python3 -m pytest -q -p no:cacheprovider -s --durations=0 tests/test_gpu.py \
         -k "not compiles_on_the_side and not prefill_chunks_compile and not fused" >"$out/tests_log.txt" 2>&1
       echo "tests exit $?" >>"$out/tests_log.txt" ) &
-    timeout 570 python3 bench/read_cost.py --compile 2>&1 | tee "$out/reads_log.txt" || true
+    timeout 570 python3 bench/read_cost.py --compile --profile 2>&1 | tee "$out/reads_log.txt" || true
     wait
     tar -czf "$out/inductor.tar.gz" -C "$(python3 -c 'from lckv_stream.base_model import cache_dir; print(cache_dir())')" inductor || true
     grep -v Warning "$out/tests_log.txt" | tail -60
@@ -118,12 +120,18 @@ case "${1:-}" in
     python3 bench/read_cost.py
     python3 bench/read_cost.py --compile
     ;;
+  resume-soak)
+    # On the machine `first` warmed (its compile cache): resume of 1,000 open conversations, then the
+    # soak until the call's 590 s are nearly up (the turns every conversation finished are reported).
+    python3 -m bench.bench_engine --model random --parts resume soak --open-tokens ${OPEN_TOKENS:-1028 8} \
+      --compile-classes 1 8 32 64 --turns 500 --wall-seconds "${WALL_S:-575}" --out "$out/engine_resume_soak" 2>&1 | tee "$out/resume_soak_log.txt"
+    ;;
   soak)
     python3 -m bench.bench_engine --model random --parts soak --compile-classes ${CLASSES:-1 8 32 64} --turns 500 \
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|fused-tiles|fused-products|first|serve|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|fused-tiles|fused-products|first|serve|resume-soak|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac
