@@ -48,6 +48,16 @@ def bucket_shape(sink: int, window: int) -> tuple[int, int]:
     return _power_of_two_at_least(sink, MIN_SINK), _power_of_two_at_least(window, MIN_WINDOW)
 
 
+def queued_copy(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` (host) on `device`, queued behind the work in flight. From pageable memory, a copy
+    to a GPU first waits for the stream to drain (CUDA's rule), so a read or a new reply arriving
+    while a step runs would stall it: the values go through pinned memory instead (torch's pinned
+    allocator does not reuse the block until the copy is done)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def batch_class(rows: int) -> int:
     """The smallest batch size class that holds `rows` rows."""
     return next(size for size in BATCH_CLASSES if size >= rows)
@@ -380,7 +390,7 @@ class Bucket:
             raise ValueError(f"at most {STOP_SLOTS} stop tokens, got {len(stop_ids)}")
         self._stop_table[index].fill_(-1)
         if stop_ids:
-            self._stop_table[index, : len(stop_ids)].copy_(torch.tensor(sorted(stop_ids)))
+            self._stop_table[index, : len(stop_ids)].copy_(queued_copy(torch.tensor(sorted(stop_ids)), self.cache.device))
         self._remaining[index] = settings.max_new_tokens
         self._alive[index] = True
         params = self._params

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batch_class, bucket_shape
+from .buckets import Bucket, Counters, HostCopy, SideCompiler, StepOptions, batch_class, bucket_shape, queued_copy
 from .cache import CacheStats, SinkWindowCache, row_stats
 from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabled, cpu_fast_model, fast_path_name,
                        use_cpu_threads)
@@ -871,7 +871,7 @@ class Engine:
         try:
             if len(group) == 1:
                 piece = torch.tensor([first.ids[first.done : first.done + takes[0]]], dtype=torch.long)
-                bucket.prefill(first.row.index, piece.to(self.device, non_blocking=True))
+                bucket.prefill(first.row.index, queued_copy(piece, self.device))
             else:
                 pieces = [job.ids[job.done : job.done + take] for job, take in zip(group, takes)]
                 bucket.prefill_rows(start, pieces, self.step_model.encodes_sequentially(takes[0]))

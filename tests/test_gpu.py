@@ -416,6 +416,29 @@ def test_a_read_alone_and_a_row_swap_queue_no_host_sync():
     assert bucket.cache.held_indices(2) == bucket.cache.held_indices(0)
 
 
+def test_a_message_reaches_the_device_without_waiting_for_the_step_in_flight():
+    """A read's token ids (and a reply's stop tokens) cross through pinned memory: from pageable
+    memory the copy would first wait for the queued work, a whole step."""
+    import time
+
+    from lckv_stream.buckets import queued_copy
+
+    def host_ms(copy) -> tuple[float, torch.Tensor]:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # a few hundred ms of queued device work, as a step in flight
+        began = time.perf_counter()
+        moved = copy(torch.arange(5, 25))
+        elapsed = (time.perf_counter() - began) * 1e3
+        torch.cuda.synchronize()
+        return elapsed, moved
+
+    pageable_ms, _ = host_ms(lambda ids: ids.to("cuda", non_blocking=True))
+    queued_ms, moved = host_ms(lambda ids: queued_copy(ids, torch.device("cuda")))
+    assert pageable_ms > 50, "the queued work was too short to tell a wait from none"
+    assert queued_ms < 10, (queued_ms, pageable_ms)
+    assert moved.tolist() == list(range(5, 25))
+
+
 def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     """Two users at once on one GPU, each on its own thread through one engine, get the replies each
     gets alone, and nothing falls back or fails."""
