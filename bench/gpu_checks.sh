@@ -33,6 +33,8 @@
 #   first : a fresh machine's first call: the GPU tests of `tests` in a second process while
 #           `reads --compile` fills the compile cache (the compile is host work); logs under OUT;
 #           the compile and fused tests are left to `tests-compile` and `fused-tests`
+#   short : one call's worth when only one is left: resume (plain graphs), a profiled read, then the
+#           GPU tests of `tests` until CALL_S (570) seconds from the start
 #   resume-soak : on the machine `first` warmed: resume (1,000 open conversations of 1,028 tokens,
 #           then of 8), then 64 conversations x 500 turns until WALL_S (575) seconds from the start
 #   serve : on the machine `first` warmed: 1,000 open conversations holding 8 tokens each, then
@@ -128,6 +130,18 @@ case "${1:-}" in
     python3 bench/read_cost.py
     python3 bench/read_cost.py --compile
     ;;
+  short)
+    # One call when the session has time for one: resume of 1,000 open conversations (plain graphs:
+    # resume moves a row and runs no step), what a read costs (plain graphs, profiled), then every
+    # GPU test but the compile and fused ones until the call's time is up (-v: each result as it ends).
+    mkdir -p "$out"
+    LCKV_COMPILE=0 timeout 170 python3 -m bench.bench_engine --model random --parts resume \
+      --out "$out/engine_resume_plain" 2>&1 | grep -v Warning | tee "$out/resume_log.txt" || true
+    timeout 80 python3 bench/read_cost.py --profile 2>&1 | grep -v Warning | tee "$out/reads_log.txt" || true
+    timeout $((${CALL_S:-570} - SECONDS)) python3 -m pytest -v -p no:cacheprovider -s --durations=0 tests/test_gpu.py \
+      -k "not compiles_on_the_side and not prefill_chunks_compile and not fused" 2>&1 | grep -v Warning > "$out/tests_log.txt" || true
+    grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$out/tests_log.txt" | tail -40
+    ;;
   resume-soak)
     # On the machine `first` warmed (its compile cache): resume of 1,000 open conversations, then the
     # soak until the call's 590 s are nearly up (the turns every conversation finished are reported).
@@ -139,7 +153,7 @@ case "${1:-}" in
       --soak-seconds "${SOAK_S:-300}" --out "$out/engine_soak"
     ;;
   *)
-    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|fused-tiles|fused-products|first|serve|resume-soak|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
+    echo "usage: bash bench/gpu_checks.sh fused-tests|fused-bench|fused-tiles|fused-products|first|short|serve|resume-soak|tests|tests-compile|speed|engine|engine-restart|soak|reads" >&2
     exit 2
     ;;
 esac
