@@ -304,7 +304,7 @@ def part_resume(engine: Engine, args) -> dict:
     import psutil
 
     results = []
-    print("| open | tokens each | on device | on host | dropped | resume ms (median / max) | host MB | GPU MB | RSS MB |")
+    print("| open | tokens each | on device | on host | dropped | resume ms (median / max) | host MB (held / reserved) | GPU MB | RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for length in args.open_tokens:
         rows = [engine.open_row(4, 1024, seed=i) for i in range(args.open)]
@@ -317,14 +317,16 @@ def part_resume(engine: Engine, args) -> dict:
         times = [engine.make_resident(row) * 1e3 for row in sample]
         result = {
             "open": args.open, "tokens_each": length, "on_device": stats.rows_on_device,
-            "on_host": stats.rows_on_host, "dropped": stats.rows_lost, "host_mb": stats.host_mb, "gpu_mb": gpu_mb(),
+            "on_host": stats.rows_on_host, "dropped": stats.rows_lost, "host_mb": stats.host_mb,
+            "host_reserved_mb": stats.host_reserved_mb, "gpu_mb": gpu_mb(),
             "rss_mb": psutil.Process().memory_info().rss / 2**20,
             "resume_ms_median": statistics.median(times), "resume_ms_max": max(times),
             "re_encoded": sum(row.lost for row in rows),
         }
         results.append(result)
         print(f"| {result['open']} | {length} | {result['on_device']} | {result['on_host']} | {result['dropped']} | "
-              f"{result['resume_ms_median']:.2f} / {result['resume_ms_max']:.2f} | {result['host_mb']:,.0f} | "
+              f"{result['resume_ms_median']:.2f} / {result['resume_ms_max']:.2f} | "
+              f"{result['host_mb']:,.0f} / {result['host_reserved_mb']:,.0f} | "
               f"{result['gpu_mb'] or 0:,.0f} | {result['rss_mb']:,.0f} |")
         for row in rows:
             engine.close_row(row)

@@ -26,7 +26,7 @@ new policy is a subclass that gives other ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -430,10 +430,12 @@ class SinkWindowCache:
         for row, size in enumerate(zip(sinks, windows)):
             self._sizes[self._first + row] = list(size)
 
-    def row_state(self, row: int, into: dict[str, torch.Tensor] | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
+    def row_state(self, row: int, into: dict[str, torch.Tensor] | None = None, pin: bool = False,
+                  allocate: Callable[[int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """A copy of one row's state on the host (pinned memory with `pin`, for fast copies back),
         packed in one byte block (packed_state.py); `into`: an earlier one whose block is reused
-        when it is large enough. Only the slots the row holds are copied (`held`): early in a
+        when it is large enough; `allocate`: where a new block comes from (bytes -> uint8 block;
+        default a tensor of its own). Only the slots the row holds are copied (`held`): early in a
         conversation, a small part, and the block is no larger than that."""
         view = self.rows(row, row + 1)
         held = view.held_columns(), view.held_columns(ring=True) if self.ring_layers else 0
@@ -441,7 +443,9 @@ class SinkWindowCache:
         specs = _packed_specs(parts)
         size = packed_bytes(specs)
         block = into.get(BLOCK) if into is not None else None
-        if block is None or block.numel() < size or block.is_pinned() != pin:
+        if allocate is not None:
+            block = allocate(size)
+        elif block is None or block.numel() < size or block.is_pinned() != pin:
             block = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
         state = carve(block, specs)
         state["held"].copy_(torch.tensor(held))

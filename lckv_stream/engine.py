@@ -37,7 +37,8 @@ from .cpu_fast import (CPU_COMPILE_OPTIONS, CPU_COMPILED_CLASSES, cpu_fast_enabl
                        use_cpu_threads)
 from .cpu_threads import in_passing_thread
 from .fused_step import fused_step_mode
-from .packed_state import clone_state, state_bytes
+from .host_pool import HostPool
+from .packed_state import BLOCK, clone_state, state_bytes
 from .sampling import SamplingSettings
 
 MB = 2**20
@@ -150,6 +151,7 @@ class EngineStats:
     compiling: int
     counters: Counters
     held_back: int = 0  # row steps skipped because the row's reader was RUN_AHEAD tokens behind
+    host_reserved_mb: float = 0.0  # host memory held for the host copies (pinned slabs on a GPU)
 
 
 class EngineError(RuntimeError):
@@ -302,6 +304,9 @@ class Engine:
         self._layouts: dict[tuple[int, int], SinkWindowCache] = {}  # per bucket shape, on the meta device
         self._rows: weakref.WeakSet[Row] = weakref.WeakSet()
         self._host_bytes = 0
+        # On a GPU, host copies live in pinned slabs (host_pool.py): torch's own pinned blocks
+        # would round each copy up to a power of two, up to twice the budget.
+        self._host_pool = HostPool() if self.device.type == "cuda" else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._prefills: list[_Prefill] = []
         self._waiting: list = []  # jobs that wait for a device row
@@ -454,6 +459,7 @@ class Engine:
             rows_on_device=sum(r.residence == "device" for r in rows),
             rows_on_host=sum(r.residence == "host" for r in rows),
             rows_lost=sum(r.lost for r in rows), host_mb=self._host_bytes / MB,
+            host_reserved_mb=(self._host_pool.reserved_bytes if self._host_pool else self._host_bytes) / MB,
             generating=sum(isinstance(r.job, _Generate) for r in rows),
             reading=len(self._prefills), waiting=len(self._waiting),
             steps=self._steps, tokens=self._tokens,
@@ -577,8 +583,7 @@ class Engine:
         row.bucket, row.index = bucket, index
         if row.host is not None:
             bucket.cache.load_row(index, row.host.state)
-            self._host_bytes -= row.host.nbytes
-            row.host = None
+            self._forget_host_copy(row)  # its pages are reused only after this copy has run
         else:
             bucket.cache.set_row_size(index, row.sink, row.window)
             row.seen = 0
@@ -587,11 +592,30 @@ class Engine:
     def _offload(self, row: Row) -> None:
         """Copy a device row to host memory and free it."""
         bucket, index = row.bucket, row.index
-        state = bucket.cache.row_state(index, pin=self.device.type == "cuda")
-        row.host = HostCopy(state, bucket.shape, row.seen, state_bytes(state))
-        self._host_bytes += row.host.nbytes
+        pool = self._host_pool
+        state = bucket.cache.row_state(index, pin=self.device.type == "cuda",
+                                       allocate=pool.allocate if pool is not None else None)
+        self._keep_host_copy(row, HostCopy(state, bucket.shape, row.seen))
         self._free_device_row(row)
         self._enforce_host_budget()
+
+    def _keep_host_copy(self, row: Row, copy: HostCopy) -> None:
+        """The row's state lives in host memory now (`copy`'s block from the pool where there is one)."""
+        pool = self._host_pool
+        block = copy.state[BLOCK]
+        copy.nbytes = pool.footprint(block) if pool is not None and pool.owns(block) else state_bytes(copy.state)
+        row.host = copy
+        self._host_bytes += copy.nbytes
+
+    def _forget_host_copy(self, row: Row) -> None:
+        """Drop the row's host copy, if it has one (its block back to the pool)."""
+        if row.host is None:
+            return
+        self._host_bytes -= row.host.nbytes
+        block = row.host.state[BLOCK]
+        if self._host_pool is not None and self._host_pool.owns(block):
+            self._host_pool.free(block)
+        row.host = None
 
     def _free_device_row(self, row: Row) -> None:
         self._admission_changed = True
@@ -607,8 +631,8 @@ class Engine:
             if not hosted:
                 return
             oldest = min(hosted, key=lambda r: r.last_used)
-            self._host_bytes -= oldest.host.nbytes
-            oldest.host, oldest.seen, oldest.lost = None, 0, True
+            self._forget_host_copy(oldest)
+            oldest.seen, oldest.lost = 0, True
 
     def _housekeeping(self) -> None:
         self._last_housekeeping = now = time.monotonic()
@@ -623,9 +647,7 @@ class Engine:
             row.closed = True  # its job ends at the next step and frees the row then
             return
         self._free_device_row(row)
-        if row.host is not None:
-            self._host_bytes -= row.host.nbytes
-            row.host = None
+        self._forget_host_copy(row)
         row.closed = True
         self._rows.discard(row)
 
@@ -638,9 +660,7 @@ class Engine:
 
     def _reset(self, row: Row) -> None:
         self._require_idle(row)
-        if row.host is not None:
-            self._host_bytes -= row.host.nbytes
-            row.host = None
+        self._forget_host_copy(row)
         if row.bucket is not None:
             row.bucket.cache.set_row_size(row.index, row.sink, row.window)
         row.seen, row.lost = 0, False
@@ -657,7 +677,7 @@ class Engine:
             if with_logits:
                 logits = bucket.next_logits[row.index].to("cpu", copy=True)
         elif row.host is not None:
-            copy = HostCopy(clone_state(row.host.state), row.host.shape, row.seen, row.host.nbytes)
+            copy = HostCopy(clone_state(row.host.state), row.host.shape, row.seen, state_bytes(row.host.state))
         else:
             copy = None
         return RowSnapshot(copy, logits)
@@ -675,10 +695,10 @@ class Engine:
             if snapshot.logits is not None:
                 row.bucket.next_logits[row.index].copy_(snapshot.logits)
         else:
-            if row.host is not None:
-                self._host_bytes -= row.host.nbytes
-            row.host = HostCopy(clone_state(copy.state), copy.shape, copy.seen, copy.nbytes)
-            self._host_bytes += copy.nbytes
+            self._forget_host_copy(row)
+            pool = self._host_pool
+            block = pool.allocate(state_bytes(copy.state)) if pool is not None else None
+            self._keep_host_copy(row, HostCopy(clone_state(copy.state, into=block), copy.shape, copy.seen))
             if snapshot.logits is not None:  # pending logits need the device row
                 self._make_resident(row)
                 row.bucket.next_logits[row.index].copy_(snapshot.logits)

@@ -47,10 +47,11 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return state[BLOCK].numel()
 
 
-def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An independent copy of a packed state (pinned where it was)."""
+def clone_state(state: dict[str, torch.Tensor], into: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An independent copy of a packed state (pinned where it was), in block `into` when given (as
+    many bytes as the state's block)."""
     block = state[BLOCK]
-    copy = torch.empty(block.numel(), dtype=torch.uint8, pin_memory=block.is_pinned())
+    copy = torch.empty(block.numel(), dtype=torch.uint8, pin_memory=block.is_pinned()) if into is None else into
     copy.copy_(block)
     views = carve(copy, specs_of(state))
     views[BLOCK] = copy

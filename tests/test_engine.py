@@ -19,7 +19,7 @@ from app_support.tiny import tiny_model
 from lckv_stream import cla_map, lckv_map
 from lckv_stream.buckets import bucket_shape
 import lckv_stream.engine as engine_module
-from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings, JobStream
+from lckv_stream.engine import RUN_AHEAD, Engine, EngineSettings, JobStream, MB
 from lckv_stream.packed_state import clone_state, state_bytes
 from lckv_stream.sampling import RowSampling, SamplingSettings, sample_rows, width_of
 
@@ -299,6 +299,58 @@ def test_past_the_host_budget_the_oldest_idle_rows_are_dropped():
     assert engine.stats().host_mb == pytest.approx(copy_mb)
     assert rows[2].residence == "host" and rows[2].seen == 3
     assert engine.held_indices(rows[2]) == [0, 1, 2]
+
+
+def test_host_copies_in_the_pinned_pool_come_back_exactly_and_give_their_pages_back(monkeypatch):
+    """As on a GPU, host copies in the engine's pool (here of ordinary memory) and staged through a
+    device block: rows that push each other out every turn, or are restored from a snapshot while
+    away, give the replies of an engine that never offloads; the budget counts the pages the copies
+    take, the oldest go past it, and closing every row gives every page back."""
+    from lckv_stream.cache import SinkWindowCache
+    from lckv_stream.host_pool import HostPool
+
+    monkeypatch.setattr(SinkWindowCache, "_stages_transfers", property(lambda self: True))
+    model = tiny_model(cla_map(4, 2))
+    never = Engine(model, EngineSettings(max_batch=4, prefill_tokens=16))
+    engine = Engine(model, EngineSettings(max_batch=1, prefill_tokens=16))
+    engine._host_pool = host = HostPool(slab_bytes=2**20, page_bytes=4096, pin=False)
+    for conversation in specs()[:3]:
+        expected, _ = run_conversation(never, conversation, 16)
+        rows = [engine.open_row(conversation.sink, conversation.window, seed=conversation.seed) for _ in range(2)]
+        replies = [[], []]
+        for prompt in conversation.turns:  # one device row: the two rows push each other out every turn
+            for row, got in zip(rows, replies):
+                list(engine.prefill(row, prompt, 16, threading.Event()))
+                stream, fed = engine.generate(row, conversation.settings, STOP_IDS, threading.Event())
+                list(stream)
+                got.append(list(fed))
+        assert replies == [expected, expected]
+        away = rows[0]
+        engine._call(host.settle)
+        assert away.residence == "host" and engine.stats().host_mb * MB == host.used_bytes > 0
+        engine.restore(away, engine.snapshot(away))  # a copy of the snapshot in the pool, the old one given back
+        engine._call(host.settle)
+        assert engine.stats().host_mb * MB == host.used_bytes
+        assert engine.held_indices(away) == engine.held_indices(rows[1])
+        for row in rows:
+            engine.close_row(row)
+    engine._call(host.settle)
+    assert engine.stats().host_mb == 0 == host.used_bytes and host.reserved_bytes == 2**20  # one slab kept
+
+    footprint = None
+    for budget_copies in (None, 1.5):  # first: one copy's pages; then a budget of one and a half copies
+        settings = EngineSettings(max_batch=1, prefill_tokens=16,
+                                  **({"host_mb": budget_copies * footprint / MB} if footprint else {}))
+        tight = Engine(model, settings)
+        tight._host_pool = pages = HostPool(slab_bytes=2**20, page_bytes=4096, pin=False)
+        rows = [tight.open_row(4, 64, seed=i) for i in range(4 if footprint else 2)]
+        for row in rows:  # one device row: each new one pushes the previous to the host
+            list(tight.prefill(row, [5, 6, 7], 16, threading.Event()))
+        tight._call(pages.settle)
+        footprint = tight.stats().host_mb * MB
+        assert footprint % 4096 == 0 and footprint == pages.used_bytes
+    assert [row.lost for row in rows] == [True, True, False, False]
+    assert rows[2].residence == "host" and tight.held_indices(rows[2]) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "through-a-device-block"])

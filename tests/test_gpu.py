@@ -439,6 +439,27 @@ def test_a_message_reaches_the_device_without_waiting_for_the_step_in_flight():
     assert moved.tolist() == list(range(5, 25))
 
 
+def test_pinned_pool_pages_wait_for_the_copies_queued_before_their_release():
+    """A host copy's pages, given back while a copy out of them is still queued, are not handed to
+    the next copy (whose host-side writes would change what the queued copy reads) until it ran."""
+    from lckv_stream.host_pool import HostPool
+
+    host = HostPool(slab_bytes=2**20, page_bytes=2**16)  # pinned
+    block = host.allocate(2**19)
+    assert block.is_pinned()
+    block.copy_(torch.arange(2**19, dtype=torch.int64).remainder(251).to(torch.uint8))
+    expected = block.clone()
+    on_device = torch.empty(2**19, dtype=torch.uint8, device="cuda")
+    torch.cuda._sleep(400_000_000)  # the copy below waits behind a few hundred ms of device work
+    on_device.copy_(block, non_blocking=True)
+    host.free(block)
+    for _ in range(3):  # half a slab each: the first fits beside the released pages, then it must wait
+        host.allocate(2**19).fill_(255)
+    torch.cuda.synchronize()
+    assert torch.equal(on_device.cpu(), expected)
+    assert host.reserved_bytes == 2 * 2**20  # the second took the released pages (after waiting), the third a new slab
+
+
 def test_two_sessions_generating_at_once_get_the_tokens_each_gets_alone():
     """Two users at once on one GPU, each on its own thread through one engine, get the replies each
     gets alone, and nothing falls back or fails."""
