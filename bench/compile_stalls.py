@@ -6,8 +6,8 @@ The engine compiles a new bucket's steps on a thread of its own while it serves.
              bucket: its steps compile on the side), then alone again; the gaps between its tokens,
              and how long the new row's first read took.
   watchdog : a thread that only sleeps 1 ms at a time, while the step of a fresh shape compiles
-             cold (a compile cache of its own) on a thread of this process, then in a child process:
-             how late its wake-ups come. A thread can only run when it holds the interpreter lock,
+             cold (a compile cache of its own) on a thread of its process, then in a child process,
+             then on a thread again from the cache the child filled: how late its wake-ups come. A thread can only run when it holds the interpreter lock,
              so this is what any other thread of the process (the engine's) waits for.
 
     PYTHONPATH=. python bench/compile_stalls.py                    # tiny model, this machine's device
@@ -17,6 +17,7 @@ The engine compiles a new bucket's steps on a thread of its own while it serves.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -74,18 +75,31 @@ def late_wakes(run) -> dict:
 
 
 def part_watchdog(kind: str) -> None:
+    """Each row in a process of its own (Dynamo keeps what it compiled for the life of a process)."""
     print("| compile of a fresh step | s | wake-ups | late by > 50 ms | 99th percentile ms | worst ms |")
     print("|---|---|---|---|---|---|")
-    for where in ("a thread of this process", "a child process"):
-        with tempfile.TemporaryDirectory(prefix="lckv-stalls-") as folder:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # cold, and read by the child too
-            if where == "a child process":
-                code = CHILD.format(root=os.getcwd(), model=kind)
-                result = late_wakes(lambda: subprocess.run([sys.executable, "-c", code], check=True))
-            else:
-                result = late_wakes(lambda: _in_thread(compile_fresh_step, kind))
-        print(f"| in {where} | {result['seconds']:.1f} | {result['wakes']:,} | {result['over_50']} | "
-              f"{result['p99']:.1f} | {result['worst']:.0f} |")
+    with tempfile.TemporaryDirectory(prefix="lckv-stalls-") as cold, \
+            tempfile.TemporaryDirectory(prefix="lckv-stalls-") as filled:
+        rows = (("in a thread of this process, cold", "thread", cold),
+                ("in a child process, cold", "child", filled),
+                ("in a thread, loaded from the cache the child filled", "thread", filled))
+        for label, where, folder in rows:
+            output = subprocess.run([sys.executable, __file__, "--model", kind, "--watch", where],
+                                    env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": folder, "PYTHONPATH": os.getcwd()},
+                                    capture_output=True, text=True, check=True).stdout
+            result = json.loads(output.splitlines()[-1])
+            print(f"| {label} | {result['seconds']:.1f} | {result['wakes']:,} | {result['over_50']} | "
+                  f"{result['p99']:.1f} | {result['worst']:.0f} |")
+
+
+def watch_one(kind: str, where: str) -> None:
+    """One row of part_watchdog (the compile cache: TORCHINDUCTOR_CACHE_DIR, the child's too)."""
+    if where == "child":
+        code = CHILD.format(root=os.getcwd(), model=kind)
+        result = late_wakes(lambda: subprocess.run([sys.executable, "-c", code], check=True))
+    else:
+        result = late_wakes(lambda: _in_thread(compile_fresh_step, kind))
+    print(json.dumps(result))
 
 
 def _in_thread(function, *args) -> None:
@@ -134,7 +148,11 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "random"), default="tiny")
     parser.add_argument("--parts", nargs="+", choices=("engine", "watchdog"), default=["engine", "watchdog"])
     parser.add_argument("--tokens", type=int, default=150, help="tokens the conversation generates each time")
+    parser.add_argument("--watch", choices=("thread", "child"), help=argparse.SUPPRESS)  # one watchdog row
     args = parser.parse_args()
+    if args.watch:
+        watch_one(args.model, args.watch)
+        return
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, {os.cpu_count()} CPUs")
     if "engine" in args.parts:
         part_engine(args.model, args.tokens)
