@@ -443,10 +443,8 @@ class SinkWindowCache:
         specs = _packed_specs(parts)
         size = packed_bytes(specs)
         block = into.get(BLOCK) if into is not None else None
-        if allocate is not None:
-            block = allocate(size)
-        elif block is None or block.numel() < size or block.is_pinned() != pin:
-            block = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        if block is None or block.numel() < size or block.is_pinned() != pin:
+            block = allocate(size) if allocate is not None else torch.empty(size, dtype=torch.uint8, pin_memory=pin)
         state = carve(block, specs)
         state["held"].copy_(torch.tensor(held))
         if not self._stages_transfers:

@@ -672,15 +672,28 @@ class Engine:
         if row.bucket is not None:
             bucket = row.bucket
             reuse = into.copy.state if into is not None and into.copy is not None and into.copy.shape == bucket.shape else None
-            state = bucket.cache.row_state(row.index, into=reuse, pin=self.device.type == "cuda")
+            state = bucket.cache.row_state(row.index, into=reuse, pin=self.device.type == "cuda",
+                                           allocate=self._snapshot_block if self._host_pool is not None else None)
             copy = HostCopy(state, bucket.shape, row.seen, state_bytes(state))
             if with_logits:
                 logits = bucket.next_logits[row.index].to("cpu", copy=True)
         elif row.host is not None:
-            copy = HostCopy(clone_state(row.host.state), row.host.shape, row.seen, state_bytes(row.host.state))
+            nbytes = state_bytes(row.host.state)
+            copy = HostCopy(clone_state(row.host.state, into=self._snapshot_block(nbytes)), row.host.shape, row.seen, nbytes)
         else:
             copy = None
         return RowSnapshot(copy, logits)
+
+    def _snapshot_block(self, nbytes: int) -> torch.Tensor | None:
+        """A new block for a snapshot: from the pool on a GPU (None elsewhere: a tensor of its own).
+        Its owner drops a snapshot on any thread, so the pages go back through a finalizer when no
+        snapshot holds the block any more (a snapshot taken `into` another shares its block)."""
+        pool = self._host_pool
+        if pool is None:
+            return None
+        block = pool.allocate(nbytes)
+        weakref.finalize(block, pool.give_back_later, block.data_ptr())
+        return block
 
     def _restore(self, row: Row, snapshot: RowSnapshot) -> None:
         self._require_idle(row)

@@ -1,4 +1,5 @@
-"""Pinned host memory for the rows a GPU engine parks in host memory, carved from large slabs.
+"""Pinned host memory for what a GPU engine keeps on the host (the rows it parks there, and the
+undo/regenerate snapshots of the rows), carved from large slabs.
 
 torch's pinned allocator rounds every block up to a power of two and keeps what is freed for
 reuse at that size: a whole row of the default model packs into 16.1 MiB and would take 32, so
@@ -11,6 +12,7 @@ slab that empties is given back (one empty slab is kept for the next copy).
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +45,9 @@ class HostPool:
     _slabs: list[_Slab] = field(default_factory=list)
     _owners: dict[int, tuple[_Slab, int, int]] = field(default_factory=dict)  # block address -> run
     _releases: list[_Release] = field(default_factory=list)
+    # Addresses of blocks given back from other threads (finalizers of snapshots): a deque's append
+    # is safe from any thread; the owner's thread frees them at its next allocation.
+    _given_back: collections.deque = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         for name in ("slab_bytes", "page_bytes"):
@@ -72,7 +77,14 @@ class HostPool:
 
     def free(self, block: torch.Tensor) -> None:
         """Give a block back; its pages are reused once the device work queued so far has run."""
-        slab, first, count = self._owners.pop(block.data_ptr())
+        self._free_address(block.data_ptr())
+
+    def give_back_later(self, address: int) -> None:
+        """From any thread (a finalizer): the block at `address` is freed at the next allocation."""
+        self._given_back.append(address)
+
+    def _free_address(self, address: int) -> None:
+        slab, first, count = self._owners.pop(address)
         event = None
         if self.pin and torch.cuda.is_available():
             event = torch.cuda.Event()
@@ -120,6 +132,8 @@ class HostPool:
 
     def _reap(self, wait: bool) -> None:
         """Free the released runs whose copies have run (`wait`: all of them, waiting if need be)."""
+        while self._given_back:
+            self._free_address(self._given_back.popleft())
         pending = []
         for release in self._releases:
             if release.event is not None and not wait and not release.event.query():

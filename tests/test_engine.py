@@ -353,6 +353,42 @@ def test_host_copies_in_the_pinned_pool_come_back_exactly_and_give_their_pages_b
     assert rows[2].residence == "host" and tight.held_indices(rows[2]) == [0, 1, 2]
 
 
+def test_snapshots_in_the_pool_give_their_pages_back_when_their_owner_drops_them(monkeypatch):
+    """Undo/regenerate snapshots come from the pool too (no power-of-two rounding on a GPU): one
+    taken into an earlier one reuses its pages, a restore from it gives the same reply as the first
+    time, and dropping the snapshots on the owner's thread gives their pages back."""
+    import gc
+
+    from lckv_stream.cache import SinkWindowCache
+    from lckv_stream.host_pool import HostPool
+
+    monkeypatch.setattr(SinkWindowCache, "_stages_transfers", property(lambda self: True))
+    model = tiny_model(cla_map(4, 2))
+    engine = Engine(model, EngineSettings(max_batch=2, prefill_tokens=16))
+    engine._host_pool = host = HostPool(slab_bytes=2**20, page_bytes=4096, pin=False)
+    row, away = engine.open_row(4, 32, seed=0), engine.open_row(4, 32, seed=1)
+    list(engine.prefill(row, list(range(5, 25)), 16, threading.Event()))
+    saved = engine.snapshot(row, with_logits=True)
+    taken = host.used_bytes
+    again = engine.snapshot(row, with_logits=True, into=saved)  # as a session's next turn does
+    assert host.used_bytes == taken > 0
+    first, fed = engine.generate(row, GREEDY, frozenset(), threading.Event())
+    list(first)
+    engine.restore(row, again)
+    replay, fed_again = engine.generate(row, GREEDY, frozenset(), threading.Event())
+    list(replay)
+    assert fed_again == fed
+    list(engine.prefill(away, [5, 6, 7], 16, threading.Event()))
+    engine._call(lambda: engine._offload(away))
+    hosted = engine.snapshot(away)  # a row in host memory: its copy cloned into the pool
+    engine._call(host.settle)
+    assert host.used_bytes == taken + 2 * engine.stats().host_mb * MB
+    del saved, again, hosted
+    gc.collect()
+    engine._call(host.settle)
+    assert host.used_bytes == engine.stats().host_mb * MB > 0  # only the host copy of `away` is left
+
+
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "through-a-device-block"])
 def test_a_host_copy_holds_what_the_row_holds_and_comes_back_exactly(staged):
     """A short conversation's host copy is a small part of the row's buffers; a full one, all of it.
