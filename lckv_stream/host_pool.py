@@ -35,7 +35,7 @@ class _Release:
     event: object = None  # a recorded torch.cuda.Event, or None when nothing can be in flight
 
 
-@dataclass
+@dataclass(eq=False)
 class HostPool:
     """Blocks of pinned host memory (`pin=False`: ordinary memory, for tests on a CPU)."""
 
