@@ -29,6 +29,7 @@ import time
 import torch
 
 from bench.bench_engine import build_model, wait_compiled
+from lckv_stream.cpu_threads import in_passing_thread
 from lckv_stream.engine import Engine, EngineSettings
 from lckv_stream.sampling import SamplingSettings
 
@@ -98,14 +99,8 @@ def watch_one(kind: str, where: str) -> None:
         code = CHILD.format(root=os.getcwd(), model=kind)
         result = late_wakes(lambda: subprocess.run([sys.executable, "-c", code], check=True))
     else:
-        result = late_wakes(lambda: _in_thread(compile_fresh_step, kind))
+        result = late_wakes(lambda: in_passing_thread(compile_fresh_step, kind))
     print(json.dumps(result))
-
-
-def _in_thread(function, *args) -> None:
-    thread = threading.Thread(target=function, args=args)
-    thread.start()
-    thread.join()
 
 
 def part_engine(kind: str, tokens: int) -> None:

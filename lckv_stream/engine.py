@@ -602,8 +602,7 @@ class Engine:
     def _keep_host_copy(self, row: Row, copy: HostCopy) -> None:
         """The row's state lives in host memory now (`copy`'s block from the pool where there is one)."""
         pool = self._host_pool
-        block = copy.state[BLOCK]
-        copy.nbytes = pool.footprint(block) if pool is not None and pool.owns(block) else state_bytes(copy.state)
+        copy.nbytes = pool.footprint(copy.state[BLOCK]) if pool is not None else state_bytes(copy.state)
         row.host = copy
         self._host_bytes += copy.nbytes
 
@@ -612,9 +611,8 @@ class Engine:
         if row.host is None:
             return
         self._host_bytes -= row.host.nbytes
-        block = row.host.state[BLOCK]
-        if self._host_pool is not None and self._host_pool.owns(block):
-            self._host_pool.free(block)
+        if self._host_pool is not None:
+            self._host_pool.free(row.host.state[BLOCK])
         row.host = None
 
     def _free_device_row(self, row: Row) -> None:

@@ -99,9 +99,6 @@ class HostPool:
         """Bytes the block takes in the pool (whole pages)."""
         return self._owners[block.data_ptr()][2] * self.page_bytes
 
-    def owns(self, block: torch.Tensor) -> bool:
-        return block.data_ptr() in self._owners
-
     @property
     def used_bytes(self) -> int:
         """Pages taken, including freed ones whose queued copies have not run yet."""
